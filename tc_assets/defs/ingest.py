@@ -1,0 +1,211 @@
+"""Ingestion assets: one round's inputs read from the round source, validated, and warehoused.
+
+All inputs available at round close are read and validated by one multi-asset and written in one
+warehouse transaction: a bad required file (stakes.csv, live.parquet, ...) fails the round before
+anything is written, while a bad submission is only rejected, with its reason. `resolved` comes
+later, when the round's resolved.parquet arrives; until then it yields nothing, and every
+target-dependent asset downstream is skipped (not failed) with "awaiting resolution" in the log.
+"""
+
+import dagster as dg
+import pandas as pd
+
+from tc_assets.defs.config import IngestConfig
+from tc_assets.defs.metadata import markdown_table, timer
+from tc_assets.defs.partitions import WAREHOUSE_POOL, round_of, rounds_partitions
+from tc_assets.defs.resources import RoundSourceResource, WarehouseResource
+from tc_assets.io.contract import RoundInputError
+from tc_assets.io.ingest import (
+    RoundInputs,
+    ingest_round,
+    load_resolved,
+    resolved_table,
+    warehouse_tables,
+)
+
+GROUP = "ingestion"
+
+
+def _out(description: str) -> dg.AssetOut:
+    return dg.AssetOut(group_name=GROUP, description=description, kinds={"pandas", "duckdb"})
+
+
+@dg.multi_asset(
+    outs={
+        "round_info": _out(
+            "round.json (calendar, payout parameters) and the round's feature sets."
+        ),
+        "universe": _out("live.parquet: the round's ids with their era and features (index: id)."),
+        "example_predictions": _out("The example model's predictions (index: id)."),
+        "market": _out("adv_usd per id from market.parquet (None when the round has none)."),
+        "stakes": _out("stakes.csv, validated (index: model_id)."),
+        "predictions": _out("Accepted predictions: ids x models, NaN where not submitted."),
+        "portfolios": _out("Accepted portfolio weights: ids x models, 0 where not held."),
+    },
+    partitions_def=rounds_partitions,
+    pool=WAREHOUSE_POOL,
+    can_subset=False,
+)
+def round_inputs(
+    context: dg.AssetExecutionContext,
+    config: IngestConfig,
+    round_source: RoundSourceResource,
+    warehouse: WarehouseResource,
+):
+    """Read and validate every input of the round available at close, then write it at once."""
+    r = round_of(context)
+    source = round_source.open()
+
+    def progress(kind: str, done: int, total: int) -> None:
+        context.log.info(f"round {r}: read {done}/{total} {kind} files")
+
+    with timer() as t_read:
+        try:
+            inputs = ingest_round(
+                source,
+                r,
+                allowed_corr_multipliers=tuple(config.allowed_corr_multipliers),
+                allowed_tc_multipliers=tuple(config.allowed_tc_multipliers),
+                progress=progress,
+                workers=config.read_workers,
+            )
+        except RoundInputError as exc:
+            raise dg.Failure(
+                description=str(exc),
+                metadata={"round": r, "source": source.uri},
+                allow_retries=False,
+            ) from exc
+    with timer() as t_write:
+        counts = warehouse.get().write_round(r, warehouse_tables(inputs, source.uri))
+    context.log.info(
+        f"round {r}: {inputs.predictions.shape[1]} prediction and {inputs.portfolios.shape[1]} "
+        f"portfolio submissions accepted, {len(inputs.rejections)} rejected "
+        f"({t_read['seconds']:.1f}s read, {t_write['seconds']:.1f}s write)"
+    )
+    yield from _outputs(inputs, counts, t_read["seconds"], t_write["seconds"])
+
+
+def _outputs(inputs: RoundInputs, counts: dict[str, int], read_s: float, write_s: float):
+    rej = inputs.rejections
+    sub = inputs.submissions
+    common = {"round": inputs.round, "read_seconds": read_s, "write_seconds": write_s}
+    yield dg.Output(
+        {**inputs.info, "feature_sets": inputs.feature_sets},
+        output_name="round_info",
+        metadata={
+            **common,
+            "open_time": str(inputs.info["open_time"]),
+            "close_time": str(inputs.info["close_time"]),
+            "stake_threshold": inputs.info["stake_threshold"],
+            "clip": inputs.info["clip"],
+            "features": {k: len(v) for k, v in inputs.feature_sets.items()},
+        },
+    )
+    yield dg.Output(
+        inputs.live,
+        output_name="universe",
+        metadata={**common, "ids": len(inputs.live), "rows": counts["universe"]},
+    )
+    yield dg.Output(
+        inputs.example,
+        output_name="example_predictions",
+        metadata={**common, "rows": counts["example_predictions"]},
+    )
+    yield dg.Output(
+        inputs.market,
+        output_name="market",
+        metadata={
+            **common,
+            "rows": counts["market"],
+            "present": inputs.market is not None,
+            "median_adv_usd": float(inputs.market.median()) if inputs.market is not None else 0.0,
+        },
+    )
+    stakes = inputs.stakes
+    valid = set(inputs.predictions.columns) | set(inputs.portfolios.columns)
+    no_submission = sorted(set(stakes.index) - valid)
+    yield dg.Output(
+        stakes,
+        output_name="stakes",
+        metadata={
+            **common,
+            "rows": counts["stakes"],
+            "total_stake": float(stakes["stake"].sum()),
+            "staked_models": int((stakes["stake"] > 0).sum()),
+            "staked_without_valid_submission": len(no_submission),
+            "models_without_valid_submission": dg.MetadataValue.md(
+                ", ".join(no_submission[:50]) or "_(none)_"
+            ),
+        },
+    )
+    for kind, wide, name in (
+        ("prediction", inputs.predictions, "predictions"),
+        ("portfolio", inputs.portfolios, "portfolios"),
+    ):
+        rk = rej[rej["kind"] == kind]
+        sk = sub[sub["kind"] == kind]
+        yield dg.Output(
+            wide,
+            output_name=name,
+            metadata={
+                **common,
+                "rows": counts[name],
+                "models_accepted": wide.shape[1],
+                "models_rejected": len(rk),
+                "rejections_by_rule": rk["rule"].value_counts().to_dict(),
+                "rejections": markdown_table(rk[["model_id", "rule", "reason"]], max_rows=50),
+                "foreign_ids_dropped": int(sk["foreign_ids_dropped"].sum()),
+                "min_coverage": float(sk["coverage"].min()) if len(sk) else 0.0,
+            },
+        )
+
+
+@dg.asset(
+    partitions_def=rounds_partitions,
+    group_name=GROUP,
+    pool=WAREHOUSE_POOL,
+    output_required=False,
+    kinds={"pandas", "duckdb"},
+)
+def resolved(
+    context: dg.AssetExecutionContext,
+    universe: pd.DataFrame,
+    round_source: RoundSourceResource,
+    warehouse: WarehouseResource,
+):
+    """Targets and realized returns (index: id) once resolved.parquet has arrived.
+
+    Until then nothing is produced: the target-dependent assets downstream are skipped, and
+    the resolution sensor materializes them when the file appears.
+    """
+    r = round_of(context)
+    source = round_source.open()
+    try:
+        frame = load_resolved(source, r, universe.index)
+    except RoundInputError as exc:
+        raise dg.Failure(description=str(exc), metadata={"round": r}, allow_retries=False) from exc
+    if frame is None:
+        context.log.info(
+            f"round {r} is awaiting resolution: {source.uri}/rounds/{r}/resolved.parquet has not "
+            "arrived; target-dependent assets are skipped until it does."
+        )
+        return
+    with timer() as t:
+        counts = warehouse.get().write_round(r, {"resolved": resolved_table(frame)})
+    yield dg.Output(
+        frame,
+        metadata={
+            "round": r,
+            "rows": counts["resolved"],
+            "coverage": len(frame) / len(universe),
+            "target_distribution": {
+                f"{k:g}": round(float(v), 4)
+                for k, v in frame["target"].value_counts(normalize=True).sort_index().items()
+            },
+            "return_std": float(frame["return"].std()),
+            "write_seconds": t["seconds"],
+        },
+    )
+
+
+assets = [round_inputs, resolved]

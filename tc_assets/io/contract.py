@@ -1,0 +1,365 @@
+"""The data contract (shared/DATA_CONTRACT.md) as code: names, rules and validators.
+
+Everything here is pure: validators take DataFrames and return clean values or a rejection.
+Reading files lives in `source.py`, assembling a round in `ingest.py`, writing in `warehouse.py`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ROUND_DIR_PATTERN = re.compile(r"^[1-9][0-9]*$")
+TARGET_VALUES = (0.0, 0.25, 0.5, 0.75, 1.0)
+MIN_COVERAGE = 0.8
+PORTFOLIO_TOLERANCE = 1e-6
+
+# File names inside rounds/<R>/ (contract §1).
+FEATURES_FILE = "features.json"
+ROUND_FILE = "round.json"
+LIVE_FILE = "live.parquet"
+EXAMPLE_FILE = "example_predictions.parquet"
+MARKET_FILE = "market.parquet"
+STAKES_FILE = "stakes.csv"
+PREDICTIONS_DIR = "predictions"
+PORTFOLIOS_DIR = "portfolios"
+RESOLVED_FILE = "resolved.parquet"
+SUBMISSION_SUFFIXES = (".csv", ".parquet")
+
+DEFAULT_STAKE_THRESHOLD = 72_000.0
+DEFAULT_CLIP = 0.05
+
+
+class Rule:
+    """Rejection rule codes, stored in `submission_rejections.rule` beside the readable reason."""
+
+    INVALID_MODEL_ID = "invalid_model_id"
+    UNREADABLE = "unreadable"
+    DUPLICATE_IDS = "duplicate_ids"
+    NON_FINITE = "non_finite"
+    OUT_OF_RANGE = "out_of_range"
+    CONSTANT = "constant"
+    LOW_COVERAGE = "low_coverage"
+    NOT_DOLLAR_NEUTRAL = "not_dollar_neutral"
+    LONGS_NOT_ONE = "longs_not_one"
+    DUPLICATE_SUBMISSION = "duplicate_submission"
+
+
+class RoundInputError(ValueError):
+    """A required input of a round is missing or malformed: the round's ingestion fails whole."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why one submission file was not accepted."""
+
+    rule: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A validated submission: values indexed by id (sorted), and how many foreign ids it dropped."""
+
+    values: pd.Series
+    foreign_ids: int
+    rows: int
+
+
+def is_valid_model_id(name: str) -> bool:
+    return bool(MODEL_ID_PATTERN.fullmatch(name))
+
+
+def _examples(ids: pd.Index, limit: int = 3) -> str:
+    shown = ", ".join(repr(str(i)) for i in ids[:limit])
+    return shown + (", ..." if len(ids) > limit else "")
+
+
+def _prepare(
+    df: pd.DataFrame, value_column: str, live_ids: pd.Index
+) -> tuple[pd.Series | None, Rejection | None, int]:
+    """Shared id rules: columns present, ids unique, values finite; drop ids not in the round."""
+    missing = [c for c in ("id", value_column) if c not in df.columns]
+    if missing:
+        return (
+            None,
+            Rejection(
+                Rule.UNREADABLE,
+                f"missing column(s) {missing}; expected 'id' and '{value_column}', "
+                f"found {list(df.columns)[:10]}",
+            ),
+            0,
+        )
+    ids = df["id"].astype("string")
+    if ids.isna().any():
+        return None, Rejection(Rule.UNREADABLE, f"{int(ids.isna().sum())} rows have no id"), 0
+    dup = ids[ids.duplicated()].unique()
+    if len(dup):
+        return (
+            None,
+            Rejection(
+                Rule.DUPLICATE_IDS,
+                f"{len(dup)} id(s) appear more than once (e.g. {_examples(pd.Index(dup))})",
+            ),
+            0,
+        )
+    values = pd.to_numeric(df[value_column], errors="coerce").astype("float64")
+    bad_text = values.isna() & df[value_column].notna()
+    if bad_text.any():
+        return (
+            None,
+            Rejection(
+                Rule.UNREADABLE, f"{int(bad_text.sum())} '{value_column}' values are not numbers"
+            ),
+            0,
+        )
+    arr = values.to_numpy()
+    n_nan = int(np.isnan(arr).sum())
+    n_inf = int(np.isinf(arr).sum())
+    if n_nan or n_inf:
+        return (
+            None,
+            Rejection(Rule.NON_FINITE, f"{n_nan} NaN and {n_inf} infinite '{value_column}' values"),
+            0,
+        )
+    series = pd.Series(
+        arr, index=pd.Index(ids.to_numpy(dtype=object), name="id"), name=value_column
+    )
+    in_round = series.index.isin(live_ids)
+    foreign = int((~in_round).sum())
+    return series[in_round].sort_index(), None, foreign
+
+
+def validate_predictions(df: pd.DataFrame, live_ids: pd.Index) -> Accepted | Rejection:
+    """Contract rules for a prediction file (ids not in the round are dropped and counted)."""
+    series, rejection, foreign = _prepare(df, "prediction", live_ids)
+    if rejection is not None:
+        return rejection
+    assert series is not None
+    arr = series.to_numpy()
+    outside = (arr < 0) | (arr > 1)
+    if outside.any():
+        return Rejection(
+            Rule.OUT_OF_RANGE,
+            f"{int(outside.sum())} predictions outside [0, 1] "
+            f"(min {arr.min():.6g}, max {arr.max():.6g})",
+        )
+    if len(arr) == 0 or np.all(arr == arr[0]):
+        return Rejection(Rule.CONSTANT, "predictions are constant (no ranking information)")
+    coverage = len(arr) / len(live_ids)
+    if coverage < MIN_COVERAGE:
+        return Rejection(
+            Rule.LOW_COVERAGE,
+            f"covers {len(arr)} of {len(live_ids)} live ids ({coverage:.1%}); "
+            f"at least {MIN_COVERAGE:.0%} required",
+        )
+    return Accepted(values=series, foreign_ids=foreign, rows=len(df))
+
+
+def validate_portfolio(df: pd.DataFrame, live_ids: pd.Index) -> Accepted | Rejection:
+    """Contract rules for a portfolio file: sum 0 and longs sum to 1, within 1e-6.
+
+    The sums are checked on the ids of the round: a weight on an id not in the round cannot be
+    held, so it is dropped and counted before the sums are checked.
+    """
+    series, rejection, foreign = _prepare(df, "weight", live_ids)
+    if rejection is not None:
+        return rejection
+    assert series is not None
+    arr = series.to_numpy()
+    total = float(arr.sum())
+    if abs(total) > PORTFOLIO_TOLERANCE:
+        return Rejection(
+            Rule.NOT_DOLLAR_NEUTRAL,
+            f"weights sum to {total:.3g}; must be 0 within {PORTFOLIO_TOLERANCE:g}",
+        )
+    longs = float(arr[arr > 0].sum())
+    if abs(longs - 1.0) > PORTFOLIO_TOLERANCE:
+        return Rejection(
+            Rule.LONGS_NOT_ONE,
+            f"positive weights sum to {longs:.6g}; must be 1 within {PORTFOLIO_TOLERANCE:g}",
+        )
+    return Accepted(values=series, foreign_ids=foreign, rows=len(df))
+
+
+STAKE_COLUMNS = ("model_id", "stake", "corr_multiplier", "tc_multiplier")
+
+
+def validate_stakes(
+    df: pd.DataFrame,
+    allowed_corr_multipliers: tuple[float, ...] | None = None,
+    allowed_tc_multipliers: tuple[float, ...] | None = None,
+) -> pd.DataFrame:
+    """Validate stakes.csv as a whole; raise RoundInputError naming every bad row.
+
+    Returns the stakes indexed by model_id, float columns. Multiplier elections are checked
+    against the allowed sets when given (payout rules), else only for finite and >= 0.
+    """
+    missing = [c for c in STAKE_COLUMNS if c not in df.columns]
+    if missing:
+        raise RoundInputError(f"{STAKES_FILE}: missing column(s) {missing}")
+    problems: list[str] = []
+    ids = df["model_id"].astype("string")
+    counts = ids.value_counts()
+    numeric = {c: pd.to_numeric(df[c], errors="coerce") for c in STAKE_COLUMNS[1:]}
+    allowed = {"corr_multiplier": allowed_corr_multipliers, "tc_multiplier": allowed_tc_multipliers}
+    for i in range(len(df)):
+        row_problems: list[str] = []
+        model_id = ids.iloc[i]
+        if pd.isna(model_id) or not is_valid_model_id(str(model_id)):
+            row_problems.append(f"invalid model_id {df['model_id'].iloc[i]!r}")
+        elif counts[model_id] > 1:
+            row_problems.append(f"model_id {model_id!r} appears {counts[model_id]} times")
+        stake = numeric["stake"].iloc[i]
+        if not np.isfinite(stake) or stake < 0:
+            row_problems.append(f"stake {df['stake'].iloc[i]!r} is not a finite number >= 0")
+        for col in ("corr_multiplier", "tc_multiplier"):
+            v = numeric[col].iloc[i]
+            if not np.isfinite(v) or v < 0:
+                row_problems.append(f"{col} {df[col].iloc[i]!r} is not a finite number >= 0")
+            elif allowed[col] is not None and not any(np.isclose(v, a) for a in allowed[col]):
+                row_problems.append(
+                    f"{col} {v:g} is not an allowed election {sorted(allowed[col])}"
+                )
+        if row_problems:
+            # Row numbers as in the file: line 1 is the header.
+            problems.append(f"line {i + 2}: " + "; ".join(row_problems))
+    if problems:
+        raise RoundInputError(
+            f"{STAKES_FILE} has {len(problems)} bad row(s); nothing of this round was written:\n  "
+            + "\n  ".join(problems)
+        )
+    out = pd.DataFrame(
+        {c: numeric[c].astype("float64").to_numpy() for c in STAKE_COLUMNS[1:]},
+        index=pd.Index(ids.to_numpy(dtype=object), name="model_id"),
+    )
+    return out.sort_index()
+
+
+def validate_live(df: pd.DataFrame, all_features: list[str]) -> pd.DataFrame:
+    """live.parquet: unique string ids, an era, every feature of `all` with values in range."""
+    missing = [c for c in ["id", "era", *all_features] if c not in df.columns]
+    if missing:
+        raise RoundInputError(
+            f"{LIVE_FILE}: missing {len(missing)} column(s): {missing[:5]}"
+            + (" ..." if len(missing) > 5 else "")
+        )
+    if len(df) == 0:
+        raise RoundInputError(f"{LIVE_FILE}: no rows")
+    ids = df["id"].astype("string")
+    if ids.isna().any() or ids.duplicated().any():
+        raise RoundInputError(f"{LIVE_FILE}: ids must be present and unique")
+    feats = df[all_features].to_numpy(dtype=np.float64, na_value=np.nan)
+    if not np.all(np.isfinite(feats)):
+        raise RoundInputError(f"{LIVE_FILE}: feature values contain NaN or infinity")
+    is_int = np.all(feats == np.round(feats))
+    lo, hi = (0.0, 4.0) if is_int else (0.0, 1.0)
+    if feats.min() < lo or feats.max() > hi:
+        raise RoundInputError(
+            f"{LIVE_FILE}: feature values must be integers 0..4 or floats in [0, 1] "
+            f"(found min {feats.min():g}, max {feats.max():g})"
+        )
+    out = df[["era", *all_features]].copy()
+    out.index = pd.Index(ids.to_numpy(dtype=object), name="id")
+    out["era"] = out["era"].astype(str)
+    return out.sort_index()
+
+
+def validate_example(df: pd.DataFrame, live_ids: pd.Index) -> pd.Series:
+    """example_predictions.parquet: id, prediction in [0, 1] for the round's ids."""
+    result = validate_predictions(df, live_ids)
+    if isinstance(result, Rejection):
+        raise RoundInputError(f"{EXAMPLE_FILE}: {result.reason}")
+    return result.values
+
+
+def validate_market(df: pd.DataFrame, live_ids: pd.Index) -> pd.Series:
+    """market.parquet: id, adv_usd > 0 and finite (ids not in the round are ignored)."""
+    series, rejection, _ = _prepare(df, "adv_usd", live_ids)
+    if rejection is not None:
+        raise RoundInputError(f"{MARKET_FILE}: {rejection.reason}")
+    assert series is not None
+    if (series <= 0).any():
+        raise RoundInputError(f"{MARKET_FILE}: {int((series <= 0).sum())} adv_usd values <= 0")
+    return series
+
+
+def validate_resolved(df: pd.DataFrame, live_ids: pd.Index) -> pd.DataFrame:
+    """resolved.parquet: id, target in the five buckets, finite return; indexed by id."""
+    missing = [c for c in ("id", "target", "return") if c not in df.columns]
+    if missing:
+        raise RoundInputError(f"{RESOLVED_FILE}: missing column(s) {missing}")
+    ids = df["id"].astype("string")
+    if ids.isna().any() or ids.duplicated().any():
+        raise RoundInputError(f"{RESOLVED_FILE}: ids must be present and unique")
+    target = pd.to_numeric(df["target"], errors="coerce").to_numpy(dtype=np.float64)
+    ret = pd.to_numeric(df["return"], errors="coerce").to_numpy(dtype=np.float64)
+    bad_target = ~np.isin(target, TARGET_VALUES)
+    if bad_target.any():
+        raise RoundInputError(
+            f"{RESOLVED_FILE}: {int(bad_target.sum())} target values outside {TARGET_VALUES}"
+        )
+    if not np.all(np.isfinite(ret)):
+        raise RoundInputError(f"{RESOLVED_FILE}: return has NaN or infinite values")
+    out = pd.DataFrame(
+        {"target": target, "return": ret}, index=pd.Index(ids.to_numpy(dtype=object), name="id")
+    )
+    out = out[out.index.isin(live_ids)].sort_index()
+    if len(out) < MIN_COVERAGE * len(live_ids):
+        raise RoundInputError(
+            f"{RESOLVED_FILE}: resolves {len(out)} of {len(live_ids)} live ids; "
+            f"at least {MIN_COVERAGE:.0%} required"
+        )
+    return out
+
+
+def validate_round_info(info: object, round_number: int) -> dict:
+    """round.json: the round number must match its folder; times are ISO 8601; payout optional."""
+    if not isinstance(info, dict):
+        raise RoundInputError(f"{ROUND_FILE}: expected a JSON object")
+    for key in ("round", "open_time", "close_time"):
+        if key not in info:
+            raise RoundInputError(f"{ROUND_FILE}: missing required key {key!r}")
+    if info["round"] != round_number:
+        raise RoundInputError(
+            f"{ROUND_FILE}: says round {info['round']!r} but lives in rounds/{round_number}/"
+        )
+    out = {"round": round_number}
+    for key in ("open_time", "close_time", "resolve_time"):
+        if key in info and info[key] is not None:
+            try:
+                ts = pd.Timestamp(info[key])
+                out[key] = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+            except (ValueError, TypeError) as exc:
+                raise RoundInputError(f"{ROUND_FILE}: {key} {info[key]!r} is not a time") from exc
+        else:
+            out[key] = None
+    payout = info.get("payout") or {}
+    if not isinstance(payout, dict):
+        raise RoundInputError(f"{ROUND_FILE}: 'payout' must be an object")
+    for key, default in (("stake_threshold", DEFAULT_STAKE_THRESHOLD), ("clip", DEFAULT_CLIP)):
+        value = payout.get(key, default)
+        if not isinstance(value, int | float) or not np.isfinite(value) or value <= 0:
+            raise RoundInputError(f"{ROUND_FILE}: payout.{key} must be a positive number")
+        out[key] = float(value)
+    return out
+
+
+def validate_feature_sets(doc: object) -> dict[str, list[str]]:
+    """features.json: small/medium/all lists; medium and small must be subsets of all."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("feature_sets"), dict):
+        raise RoundInputError(f"{FEATURES_FILE}: expected {{'feature_sets': {{...}}}}")
+    sets = doc["feature_sets"]
+    for name in ("small", "medium", "all"):
+        if not isinstance(sets.get(name), list) or not sets[name]:
+            raise RoundInputError(f"{FEATURES_FILE}: feature set {name!r} missing or empty")
+    all_set = set(sets["all"])
+    for name in ("small", "medium"):
+        extra = [f for f in sets[name] if f not in all_set]
+        if extra:
+            raise RoundInputError(f"{FEATURES_FILE}: {name} has features not in all: {extra[:3]}")
+    return {k: [str(f) for f in v] for k, v in sets.items()}

@@ -1,0 +1,134 @@
+"""Round sources: where rounds come from (contract §1). A local folder or an S3 prefix.
+
+A source only reads bytes and lists names; parsing and validation live in `ingest.py` and
+`contract.py`, so both kinds of source are read by exactly the same code. Paths are built
+only from fixed file names and from names that already passed the contract's patterns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from tc_assets.io.contract import FEATURES_FILE, ROUND_DIR_PATTERN, ROUND_FILE
+
+
+class SourceError(OSError):
+    """A file of the round source cannot be read (missing, unreadable, unreachable)."""
+
+
+class RoundSource(ABC):
+    """Read-only access to a round source laid out as in the contract."""
+
+    @property
+    @abstractmethod
+    def uri(self) -> str:
+        """Where the source is, for messages and metadata."""
+
+    @abstractmethod
+    def read_bytes(self, rel: str) -> bytes:
+        """The content of the file at `rel` (a '/'-separated path under the root)."""
+
+    @abstractmethod
+    def exists(self, rel: str) -> bool:
+        """Whether a file exists at `rel`."""
+
+    @abstractmethod
+    def list_names(self, rel_dir: str) -> list[str]:
+        """Names of the files and folders directly inside `rel_dir` (sorted; [] if absent)."""
+
+    def fingerprint(self, rel: str) -> str:
+        """A content hash of the file, used to detect changed inputs (not its timestamp)."""
+        return hashlib.sha256(self.read_bytes(rel)).hexdigest()
+
+    # Helpers shared by every kind of source.
+
+    def round_numbers(self) -> list[int]:
+        """Rounds with a folder under rounds/ whose name is a round number (others ignored)."""
+        return sorted(int(n) for n in self.list_names("rounds") if ROUND_DIR_PATTERN.fullmatch(n))
+
+    def round_path(self, round_number: int, name: str = "") -> str:
+        base = f"rounds/{int(round_number)}"
+        return f"{base}/{name}" if name else base
+
+    def read_json(self, rel: str) -> Any:
+        try:
+            return json.loads(self.read_bytes(rel))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SourceError(f"{self.uri}/{rel}: not valid JSON ({exc})") from exc
+
+    def read_table(self, rel: str) -> pd.DataFrame:
+        """A .csv or .parquet file as a DataFrame; `id` and `model_id` always read as strings."""
+        data = self.read_bytes(rel)
+        try:
+            if rel.endswith(".parquet"):
+                table = pq.read_table(io.BytesIO(data))
+            elif rel.endswith(".csv"):
+                table = pacsv.read_csv(
+                    io.BytesIO(data),
+                    convert_options=pacsv.ConvertOptions(
+                        column_types={"id": pa.string(), "model_id": pa.string()},
+                        strings_can_be_null=True,
+                    ),
+                )
+            else:
+                raise SourceError(f"{self.uri}/{rel}: unsupported file type")
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+            raise SourceError(f"{self.uri}/{rel}: cannot be parsed ({exc})") from exc
+        return table.to_pandas()
+
+    def feature_sets(self) -> Any:
+        return self.read_json(FEATURES_FILE)
+
+    def round_info(self, round_number: int) -> Any:
+        return self.read_json(self.round_path(round_number, ROUND_FILE))
+
+
+class LocalRoundSource(RoundSource):
+    """A round source in a local folder."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    @property
+    def uri(self) -> str:
+        return str(self.root)
+
+    def _path(self, rel: str) -> Path:
+        path = (self.root / rel).resolve()
+        if self.root not in path.parents and path != self.root:
+            raise SourceError(f"{rel!r} is outside the source root")
+        return path
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return self._path(rel).read_bytes()
+        except OSError as exc:
+            raise SourceError(f"{self.uri}/{rel}: {exc.strerror or exc}") from exc
+
+    def exists(self, rel: str) -> bool:
+        return self._path(rel).is_file()
+
+    def list_names(self, rel_dir: str) -> list[str]:
+        path = self._path(rel_dir)
+        if not path.is_dir():
+            return []
+        return sorted(p.name for p in path.iterdir())
+
+
+def open_source(uri: str, **s3_options: Any) -> RoundSource:
+    """A RoundSource for a local path or an `s3://bucket/prefix` URI."""
+    if uri.startswith("s3://"):
+        from tc_assets.io.s3_source import S3RoundSource  # boto3 only when needed
+
+        return S3RoundSource.from_uri(uri, **s3_options)
+    return LocalRoundSource(uri)

@@ -1,0 +1,141 @@
+"""Warehouse tables: names, columns and DuckDB types (contract §2 plus the platform's own).
+
+Each table is partitioned by one integer column (`round` unless stated): a write replaces
+exactly the rows of one partition. Columns listed here are the only ones a write may carry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    columns: tuple[tuple[str, str], ...]
+    description: str
+    partition: str = "round"
+    key: tuple[str, ...] = ()
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c for c, _ in self.columns]
+
+
+def _t(name: str, description: str, columns: str, key: str = "", partition: str = "round") -> Table:
+    cols = tuple(
+        (part.split()[0], " ".join(part.split()[1:]))
+        for part in (c.strip() for c in columns.split(","))
+        if part
+    )
+    return Table(name, cols, description, partition, tuple(key.split()))
+
+
+TABLES: dict[str, Table] = {
+    t.name: t
+    for t in [
+        # Ingestion (issue: foundation).
+        _t(
+            "rounds",
+            "One row per ingested round: its calendar, payout parameters and counts.",
+            "round INTEGER, open_time TIMESTAMPTZ, close_time TIMESTAMPTZ, "
+            "resolve_time TIMESTAMPTZ, stake_threshold DOUBLE, clip DOUBLE, n_ids INTEGER, "
+            "n_prediction_models INTEGER, n_portfolio_models INTEGER, n_rejected INTEGER, "
+            "source VARCHAR, ingested_at TIMESTAMPTZ",
+            key="round",
+        ),
+        _t(
+            "universe",
+            "The round's live ids.",
+            "round INTEGER, id VARCHAR, era VARCHAR",
+            "round id",
+        ),
+        _t(
+            "example_predictions",
+            "The example model's predictions.",
+            "round INTEGER, id VARCHAR, prediction DOUBLE",
+            "round id",
+        ),
+        _t("market", "Liquidity per id.", "round INTEGER, id VARCHAR, adv_usd DOUBLE", "round id"),
+        _t(
+            "stakes",
+            "stakes.csv as validated; `submitted` = the model has a valid submission this round.",
+            "round INTEGER, model_id VARCHAR, stake DOUBLE, corr_multiplier DOUBLE, "
+            "tc_multiplier DOUBLE, submitted BOOLEAN",
+            "round model_id",
+        ),
+        _t(
+            "predictions",
+            "Accepted predictions, ids of the round only.",
+            "round INTEGER, model_id VARCHAR, id VARCHAR, prediction DOUBLE",
+            "round model_id id",
+        ),
+        _t(
+            "portfolios",
+            "Accepted portfolio weights, ids of the round only.",
+            "round INTEGER, model_id VARCHAR, id VARCHAR, weight DOUBLE",
+            "round model_id id",
+        ),
+        _t(
+            "submissions",
+            "Every accepted submission file: rows read, ids dropped as not in the round, coverage.",
+            "round INTEGER, model_id VARCHAR, kind VARCHAR, rows INTEGER, "
+            "foreign_ids_dropped INTEGER, ids_used INTEGER, coverage DOUBLE",
+            "round model_id kind",
+        ),
+        _t(
+            "submission_rejections",
+            "Every rejected submission file with its rule code and a readable reason.",
+            "round INTEGER, model_id VARCHAR, kind VARCHAR, rule VARCHAR, reason VARCHAR",
+            "round model_id kind",
+        ),
+        _t(
+            "resolved",
+            "Targets and realized residual returns, once the round resolves.",
+            "round INTEGER, id VARCHAR, target DOUBLE, return DOUBLE",
+            "round id",
+        ),
+        # Metrics and meta model.
+        _t(
+            "meta_model",
+            "Stake-weighted meta model signal and the optimized meta portfolio weight per id.",
+            "round INTEGER, id VARCHAR, swmm DOUBLE, weight DOUBLE",
+            "round id",
+        ),
+        _t(
+            "model_metrics",
+            "Per-model proxy metrics of a resolved round.",
+            "round INTEGER, model_id VARCHAR, corr DOUBLE, mmc DOUBLE, fnc_v3 DOUBLE, "
+            "fnc_v3_tb200 DOUBLE, exposure_dissimilarity DOUBLE, max_feature_exposure DOUBLE",
+            "round model_id",
+        ),
+        _t(
+            "exposure_metrics",
+            "Feature-only metrics, known at round close (before resolution).",
+            "round INTEGER, model_id VARCHAR, exposure_dissimilarity DOUBLE, "
+            "max_feature_exposure DOUBLE, max_exposure_feature VARCHAR",
+            "round model_id",
+        ),
+        _t(
+            "feature_exposures",
+            "Pearson correlation of each model's predictions with each medium feature.",
+            "round INTEGER, model_id VARCHAR, feature VARCHAR, exposure DOUBLE",
+            "round model_id feature",
+        ),
+        # True Contribution.
+        _t(
+            "tc_scores",
+            "True Contribution per model: mean over bags, its standard deviation, bag count.",
+            "round INTEGER, model_id VARCHAR, tc DOUBLE, tc_std DOUBLE, bags INTEGER, "
+            "engine VARCHAR",
+            "round model_id",
+        ),
+    ]
+}
+
+
+def table(name: str) -> Table:
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise KeyError(f"unknown warehouse table {name!r}; known: {sorted(TABLES)}") from None

@@ -1,0 +1,54 @@
+"""Plain-text reports printed by `tc-platform demo` from the warehouse."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+
+from tc_assets.io.warehouse import Warehouse
+
+
+def round_summary(warehouse: Warehouse, rounds: Sequence[int]) -> pd.DataFrame:
+    """Per round: ids, accepted and rejected submissions, staking, resolution."""
+    keys = ",".join(str(int(r)) for r in rounds)
+    tables = set(warehouse.table_names())
+    if "rounds" not in tables:
+        return pd.DataFrame()
+    resolved = (
+        "(SELECT count(*) FROM resolved v WHERE v.round = r.round) > 0"
+        if "resolved" in tables
+        else "false"
+    )
+    return warehouse.query(
+        f"""
+        SELECT r.round, r.n_ids AS ids, r.n_prediction_models AS predictions,
+               r.n_portfolio_models AS portfolios, r.n_rejected AS rejected,
+               (SELECT count(*) FROM stakes s WHERE s.round = r.round AND s.stake > 0) AS staked,
+               (SELECT count(*) FROM stakes s WHERE s.round = r.round AND s.stake > 0
+                  AND NOT s.submitted) AS staked_no_submission,
+               (SELECT round(sum(stake)) FROM stakes s WHERE s.round = r.round) AS total_stake,
+               {resolved} AS resolved
+        FROM rounds r WHERE r.round IN ({keys}) ORDER BY r.round
+        """
+    )
+
+
+def rejections(warehouse: Warehouse, round_number: int) -> pd.DataFrame:
+    frame = warehouse.read_round("submission_rejections", round_number)
+    return frame[["model_id", "kind", "rule", "reason"]]
+
+
+def print_demo_report(warehouse_path: str, rounds: Sequence[int]) -> None:
+    """Print what a newcomer should see after the demo."""
+    wh = Warehouse(warehouse_path)
+    summary = round_summary(wh, rounds)
+    if summary.empty:
+        print("nothing was written to the warehouse")
+        return
+    print("Rounds")
+    print(summary.to_string(index=False))
+    last = int(summary["round"].max())
+    rej = rejections(wh, last)
+    print(f"\nRejected submissions of round {last}")
+    print(rej.to_string(index=False, max_colwidth=70) if len(rej) else "(none)")
