@@ -129,7 +129,7 @@ def _prepare(
     series = pd.Series(
         arr, index=pd.Index(ids.to_numpy(dtype=object), name="id"), name=value_column
     )
-    in_round = series.index.isin(live_ids)
+    in_round = live_ids.get_indexer(series.index) >= 0  # hash lookup; isin is slow on str
     foreign = int((~in_round).sum())
     return series[in_round].sort_index(), None, foreign
 
@@ -308,7 +308,7 @@ def validate_resolved(df: pd.DataFrame, live_ids: pd.Index) -> pd.DataFrame:
     out = pd.DataFrame(
         {"target": target, "return": ret}, index=pd.Index(ids.to_numpy(dtype=object), name="id")
     )
-    out = out[out.index.isin(live_ids)].sort_index()
+    out = out[live_ids.get_indexer(out.index) >= 0].sort_index()
     if len(out) < MIN_COVERAGE * len(live_ids):
         raise RoundInputError(
             f"{RESOLVED_FILE}: resolves {len(out)} of {len(live_ids)} live ids; "

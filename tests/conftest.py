@@ -1,0 +1,56 @@
+"""Shared fixtures: generated round sources (the project's generator) and Dagster instances."""
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from tc_assets.defs.definitions import PlatformPaths, build_definitions
+from tc_assets.defs.partitions import ROUNDS_PARTITIONS_NAME
+from tc_assets.io.synthetic import SyntheticSettings, generate_source
+
+# Small enough for seconds per round, large enough for every planted kind and rule.
+SMALL = SyntheticSettings(stocks=600, features=16, models=40, seed=7, with_bad_inputs=True)
+
+
+def make_source(root: Path, rounds: list[int], settings: SyntheticSettings = SMALL) -> Path:
+    generate_source(root, rounds, settings)
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_source(tmp_path_factory) -> Path:
+    """Rounds 1-2 at small size with one bad submission per rule (read-only: do not modify)."""
+    return make_source(tmp_path_factory.mktemp("source"), [1, 2])
+
+
+@pytest.fixture
+def fresh_source(tmp_path) -> Path:
+    """Rounds 1-2 at small size that a test may modify."""
+    return make_source(tmp_path / "source", [1, 2])
+
+
+@pytest.fixture
+def instance():
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+def platform(source: Path | str, tmp_path: Path) -> tuple[dg.Definitions, PlatformPaths]:
+    paths = PlatformPaths.create(str(source), str(tmp_path / "wh" / "warehouse.duckdb"))
+    return build_definitions(paths), paths
+
+
+def run_job(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    round_number: int,
+    job: str = "score_round",
+) -> dg.ExecuteInProcessResult:
+    """Run a round's job in process on `instance`, adding the partition if needed."""
+    key = str(round_number)
+    if not instance.has_dynamic_partition(ROUNDS_PARTITIONS_NAME, key):
+        instance.add_dynamic_partitions(ROUNDS_PARTITIONS_NAME, [key])
+    return defs.resolve_job_def(job).execute_in_process(
+        instance=instance, partition_key=key, raise_on_error=False
+    )

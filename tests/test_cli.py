@@ -1,0 +1,82 @@
+"""The command line per the contract: generate, run (exit status, failing step and why)."""
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from tc_assets.io.warehouse import Warehouse
+from tc_assets.runner import parse_rounds
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tc_assets.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=600,
+    )
+
+
+def test_parse_rounds():
+    assert parse_rounds("3-5") == [3, 4, 5]
+    assert parse_rounds("7") == [7]
+    assert parse_rounds("1,4-5,4") == [1, 4, 5]
+    for bad in ("5-3", "a-b", "0", ""):
+        with pytest.raises(ValueError):
+            parse_rounds(bad)
+
+
+def test_generate_then_run_and_a_failing_round_exits_non_zero(tmp_path):
+    env = {"TC_HOME": str(tmp_path / "home"), "DAGSTER_HOME": str(tmp_path / "dagster_home")}
+    source, warehouse = tmp_path / "src", tmp_path / "wh.duckdb"
+    gen = cli(
+        "generate",
+        "--out",
+        str(source),
+        "--rounds",
+        "1-2",
+        "--stocks",
+        "400",
+        "--features",
+        "12",
+        "--models",
+        "40",
+        "--seed",
+        "3",
+        env=env,
+    )
+    assert gen.returncode == 0, gen.stderr
+    assert sorted(p.name for p in (source / "rounds").iterdir()) == ["1", "2"]
+
+    # Break round 2's stakes file: round 1 still succeeds, the command exits non-zero and says why.
+    stakes = pd.read_csv(source / "rounds/2/stakes.csv", dtype={"model_id": str})
+    stakes.loc[1, "stake"] = -1
+    stakes.to_csv(source / "rounds/2/stakes.csv", index=False)
+    run = cli("run", "--source", str(source), "--warehouse", str(warehouse), env=env)
+    out = run.stdout + run.stderr
+    assert run.returncode == 1, out
+    assert "round 1: ok" in out
+    assert "round 2: FAILED" in out and "round_inputs" in out and "line 3:" in out
+    wh = Warehouse(warehouse)
+    assert wh.partitions("rounds") == [1]
+    # The runs were recorded on the persistent instance that `make dev` shows.
+    assert (tmp_path / "dagster_home" / "dagster.yaml").exists()
+    assert any((tmp_path / "dagster_home").rglob("*.db"))
+
+
+def test_run_reports_a_missing_source_clearly(tmp_path):
+    env = {"TC_HOME": str(tmp_path / "home"), "DAGSTER_HOME": str(tmp_path / "dagster_home")}
+    run = cli(
+        "run",
+        "--source",
+        str(tmp_path / "nope"),
+        "--warehouse",
+        str(tmp_path / "w.duckdb"),
+        env=env,
+    )
+    assert run.returncode == 2
+    assert "no rounds found" in run.stderr

@@ -1,0 +1,203 @@
+"""Ingestion per the contract, through the real Dagster assets, the real warehouse and generated rounds."""
+
+import shutil
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from tc_assets.defs.definitions import INGEST_ROUND_JOB
+from tc_assets.defs.definitions import defs as module_defs
+from tc_assets.io import contract as c
+from tc_assets.io.ingest import ingest_round
+from tc_assets.io.source import LocalRoundSource
+from tc_assets.io.warehouse import Warehouse
+from tests.conftest import platform, run_job
+
+INGEST_TABLES = [
+    "rounds",
+    "universe",
+    "example_predictions",
+    "market",
+    "stakes",
+    "predictions",
+    "portfolios",
+    "submissions",
+    "submission_rejections",
+]
+
+
+def planted(source, round_number: int) -> pd.DataFrame:
+    return pd.read_csv(source / "rounds" / str(round_number) / "planted.csv", dtype=str).fillna("")
+
+
+def snapshot(wh: Warehouse) -> dict[str, pd.DataFrame]:
+    """Every row of every ingestion table, in a canonical order."""
+    out = {}
+    for name in wh.table_names():
+        df = wh.query(f'SELECT * FROM "{name}"')
+        df = df.drop(columns=[c for c in ("ingested_at",) if c in df.columns])
+        out[name] = df.sort_values(list(df.columns)).reset_index(drop=True)
+    return out
+
+
+def test_definitions_load_with_every_asset_grouped():
+    specs = list(module_defs.resolve_all_asset_specs())
+    assert {s.key.to_user_string() for s in specs} >= {
+        "round_info",
+        "universe",
+        "example_predictions",
+        "market",
+        "stakes",
+        "predictions",
+        "portfolios",
+        "resolved",
+    }
+    assert all(s.group_name and s.group_name != "default" for s in specs)
+    module_defs.resolve_job_def("score_round")
+    module_defs.resolve_job_def(INGEST_ROUND_JOB)
+
+
+def test_every_rejection_rule_gives_its_reason_and_valid_submissions_are_kept(
+    small_source, tmp_path, instance
+):
+    defs, paths = platform(small_source, tmp_path)
+    result = run_job(defs, instance, 1, INGEST_ROUND_JOB)
+    assert result.success
+    wh = Warehouse(paths.warehouse)
+    rejections = wh.read_round("submission_rejections", 1)
+    truth = planted(small_source, 1)
+
+    bad = truth[(truth["expected_rule"] != "") & (truth["expected_rule"] != "foreign_ids_dropped")]
+    got = {(r.model_id, r.rule) for r in rejections.itertuples()}
+    for row in bad.itertuples():
+        model_id = row.model_id if row.expected_rule != c.Rule.INVALID_MODEL_ID else "bad model!"
+        assert (model_id, row.expected_rule) in got, f"{row.model_id}: {row.expected_rule} missing"
+    assert len(rejections) == len(bad)  # nothing valid was rejected
+    assert rejections["reason"].str.len().min() > 10  # a specific, readable reason
+
+    # Every valid submission of the round is there, with all its ids.
+    submissions = wh.read_round("submissions", 1)
+    good = truth[(truth["expected_rule"].isin(["", "foreign_ids_dropped"]))]
+    want_pred = set(good.loc[good["submits"].isin(["predictions", "both"]), "model_id"])
+    want_port = set(good.loc[good["submits"].isin(["portfolio", "both"]), "model_id"])
+    assert set(submissions.loc[submissions["kind"] == "prediction", "model_id"]) == want_pred
+    assert set(submissions.loc[submissions["kind"] == "portfolio", "model_id"]) == want_port
+    predictions = wh.read_round("predictions", 1)
+    counts = predictions.groupby("model_id").size()
+    for model_id in want_pred:
+        src = pd.read_csv(
+            small_source / "rounds/1/predictions" / f"{model_id}.csv", dtype={"id": str}
+        )
+        live = set(pd.read_parquet(small_source / "rounds/1/live.parquet")["id"])
+        assert counts[model_id] == src["id"].isin(live).sum()
+
+    # Ids not in the round are dropped and counted, not rejected.
+    foreign = truth.loc[truth["expected_rule"] == "foreign_ids_dropped", "model_id"].item()
+    row = submissions.set_index(["model_id", "kind"]).loc[(foreign, "prediction")]
+    assert (
+        row["foreign_ids_dropped"] > 0
+        and row["rows"] == row["ids_used"] + row["foreign_ids_dropped"]
+    )
+
+    # A model with a stake row but no valid submission keeps its row, flagged not submitted.
+    stakes = wh.read_round("stakes", 1).set_index("model_id")
+    for row in bad.itertuples():
+        if (
+            row.expected_rule != c.Rule.INVALID_MODEL_ID
+            and row.model_id not in want_port | want_pred
+        ):
+            assert not stakes.loc[row.model_id, "submitted"]
+    absent = truth.loc[truth["submits"] == "none", "model_id"]
+    assert len(absent) and not stakes.loc[absent, "submitted"].any()
+
+    # The materialization reports accepted and rejected models with reasons.
+    mat = instance.get_latest_materialization_event(
+        dg.AssetKey("predictions")
+    ).asset_materialization
+    assert mat.metadata["models_rejected"].value == (bad["submits"] == "predictions").sum()
+    assert "low_coverage" in mat.metadata["rejections"].value
+
+
+def test_extra_files_in_the_source_are_ignored(fresh_source):
+    src = LocalRoundSource(fresh_source)
+    before = ingest_round(src, 1)
+    (fresh_source / "rounds/1/README.txt").write_text("notes")
+    (fresh_source / "rounds/1/predictions/notes.txt").write_text("not a submission")
+    (fresh_source / "rounds/1/extra.parquet").write_bytes(b"garbage")
+    (fresh_source / "rounds/not_a_round").mkdir()
+    (fresh_source / "rounds/not_a_round/round.json").write_text("{")
+    after = ingest_round(src, 1)
+    assert src.round_numbers() == [1, 2]
+    pd.testing.assert_frame_equal(before.predictions, after.predictions)
+    pd.testing.assert_frame_equal(before.rejections, after.rejections)
+
+
+def test_a_bad_stakes_file_fails_the_round_and_changes_nothing(fresh_source, tmp_path, instance):
+    defs, paths = platform(fresh_source, tmp_path)
+    assert run_job(defs, instance, 1, INGEST_ROUND_JOB).success
+    assert run_job(defs, instance, 2, INGEST_ROUND_JOB).success
+    wh = Warehouse(paths.warehouse)
+    before = snapshot(wh)
+
+    stakes_file = fresh_source / "rounds/1/stakes.csv"
+    stakes = pd.read_csv(stakes_file, dtype={"model_id": str})
+    stakes.loc[0, "stake"] = -5
+    stakes.loc[3, "tc_multiplier"] = float("nan")
+    stakes.loc[5, "model_id"] = stakes.loc[6, "model_id"]
+    stakes.loc[8, "corr_multiplier"] = 7  # not an allowed election
+    stakes.to_csv(stakes_file, index=False)
+
+    result = run_job(defs, instance, 1, INGEST_ROUND_JOB)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
+    message = failure.event_specific_data.error.message
+    for line in (2, 5, 7, 8, 10):  # file lines of the bad rows (header is line 1)
+        assert f"line {line}:" in message, message
+    assert "not an allowed election" in message and "nothing of this round was written" in message
+    after = snapshot(wh)
+    assert before.keys() == after.keys()
+    for name in before:
+        pd.testing.assert_frame_equal(before[name], after[name], obj=name)
+
+
+def test_running_a_round_twice_gives_identical_tables(small_source, tmp_path, instance):
+    defs, paths = platform(small_source, tmp_path)
+    assert run_job(defs, instance, 2, INGEST_ROUND_JOB).success
+    first = snapshot(Warehouse(paths.warehouse))
+    assert run_job(defs, instance, 2, INGEST_ROUND_JOB).success
+    second = snapshot(Warehouse(paths.warehouse))
+    assert set(first) >= set(INGEST_TABLES)
+    for name in first:
+        pd.testing.assert_frame_equal(first[name], second[name], obj=name)
+
+
+def test_unresolved_round_is_reported_awaiting_resolution(fresh_source, tmp_path, instance):
+    (fresh_source / "rounds/2/resolved.parquet").unlink()
+    defs, paths = platform(fresh_source, tmp_path)
+    result = run_job(defs, instance, 2)
+    assert result.success  # not a failure: the target-dependent steps are skipped
+    logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
+    assert any("awaiting resolution" in m for m in logs)
+    assert Warehouse(paths.warehouse).read_round("resolved", 2).empty
+    assert len(Warehouse(paths.warehouse).read_round("universe", 2)) > 0
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda root: (root / "rounds/1/live.parquet").unlink(), "live.parquet"),
+        (
+            lambda root: (root / "rounds/1/round.json").write_text('{"round": 9}'),
+            "missing required key",
+        ),
+        (
+            lambda root: shutil.copy(root / "rounds/2/round.json", root / "rounds/1/round.json"),
+            "says round 2",
+        ),
+    ],
+)
+def test_bad_required_inputs_fail_with_a_clear_error(fresh_source, mutate, message):
+    mutate(fresh_source)
+    with pytest.raises(c.RoundInputError, match=message):
+        ingest_round(LocalRoundSource(fresh_source), 1)
