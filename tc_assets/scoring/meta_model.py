@@ -13,6 +13,7 @@ so it is unchanged when every stake is multiplied by the same constant, and a mo
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from tc_assets.scoring.transforms import gaussian_rank
 
@@ -35,3 +36,25 @@ def stake_weighted_meta_model(p: np.ndarray, stakes: np.ndarray) -> np.ndarray:
     if total <= 0:
         raise ValueError("the meta model needs at least one model with a positive stake")
     return p @ (s / total)
+
+
+def swmm(predictions: pd.DataFrame, stakes: pd.Series) -> pd.Series:
+    """The round's stake-weighted meta model over the ids of ``predictions`` (name "swmm").
+
+    ``predictions``: ids x models, the valid submissions (NaN = id not submitted). ``stakes``:
+    stake per model_id. Only models present in both with stake > 0 count; a submission without
+    a stake row, or a stake row without a submission, weighs 0. Only those columns are ranked.
+    """
+    if not isinstance(predictions, pd.DataFrame) or not isinstance(stakes, pd.Series):
+        raise TypeError("predictions must be a DataFrame and stakes a Series")
+    if not stakes.index.is_unique or not predictions.columns.is_unique:
+        raise ValueError("model ids must be unique in predictions and in stakes")
+    s = stakes.to_numpy(dtype=np.float64)
+    if not np.all(np.isfinite(s)) or np.any(s < 0):
+        raise ValueError("stakes must be finite and >= 0")
+    staked = stakes[(stakes > 0) & stakes.index.isin(predictions.columns)]
+    if staked.empty:
+        raise ValueError("the meta model needs a submitted model with a positive stake")
+    p = prediction_matrix(predictions[staked.index].to_numpy(dtype=np.float64))
+    x = stake_weighted_meta_model(p, staked.to_numpy(dtype=np.float64))
+    return pd.Series(x, index=predictions.index, name="swmm")

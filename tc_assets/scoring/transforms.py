@@ -3,6 +3,13 @@
 They follow `numerai_tools.scoring` exactly (`tie_kept_rank`, `gaussian`) but work on a whole
 (stocks x models) matrix at once and accept NaN for ids a model did not submit: a NaN stays NaN
 and is left out of that column's ranking, as numerai-tools does for a single model's series.
+
+Ranks are computed as integer *keys*: for an entry whose tie group occupies the 0-based sorted
+positions ``start..end`` of its column, ``key = start + end + 1``, so the centred percentile rank
+``(average_rank - 0.5) / count`` is exactly ``key / (2 * count)`` (the same correctly rounded
+double pandas produces). NaN entries get key 0. Keys make gaussianization a table lookup
+(``ndtri`` is evaluated once per possible key, not once per entry) and carry the tie structure
+that top/bottom selections need.
 """
 
 from __future__ import annotations
@@ -10,34 +17,112 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import ndtri
 
+# Rows (models) ranked per block: a block's sort buffers stay in cache.
+_RANK_BLOCK_ROWS = 64
+
+
+def rank_keys(
+    rows: np.ndarray, *, return_order: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Tie-kept rank keys of each ROW of ``rows`` (models x ids), NaN = not ranked.
+
+    Returns ``(keys, counts, order)``: ``keys`` int32 of the same shape (``key / (2 * count)``
+    is the centred rank, 0 marks NaN), ``counts`` int64 per row (non-NaN entries), and, when
+    ``return_order``, the int64 ``argsort`` of each row (NaN last; ties in arbitrary order).
+    One SIMD argsort per row, then a linear pass for tie groups only in rows that have ties.
+    """
+    a = np.asarray(rows, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"rank_keys expects a 2-d array, got shape {a.shape}")
+    m, n = a.shape
+    if n >= 2**30:
+        raise ValueError("rank_keys supports fewer than 2**30 entries per row")
+    keys = np.empty((m, n), dtype=np.int32)
+    counts = np.empty(m, dtype=np.int64)
+    orders = np.empty((m, n), dtype=np.int64) if return_order else None
+    pos = np.arange(n, dtype=np.int32)
+    odd = 2 * pos + 1  # key of an untied entry at sorted position p: p + p + 1
+    for i0 in range(0, m, _RANK_BLOCK_ROWS):
+        block = np.ascontiguousarray(a[i0 : i0 + _RANK_BLOCK_ROWS])
+        order = np.argsort(block, axis=1)
+        srt = np.take_along_axis(block, order, axis=1)
+        nan_count = np.count_nonzero(np.isnan(srt), axis=1)  # NaN sort last
+        # new[:, p]: sorted position p starts a tie group (NaN != NaN: each NaN is alone).
+        new = np.ones(srt.shape, dtype=bool)
+        np.not_equal(srt[:, 1:], srt[:, :-1], out=new[:, 1:])
+        ksorted = np.empty(srt.shape, dtype=np.int32)
+        for r in range(block.shape[0]):
+            nr = new[r]
+            if nr.all():
+                ksorted[r] = odd
+            else:
+                start = np.maximum.accumulate(np.where(nr, pos, 0))
+                # A tie group ends where the next one starts, or at the last position.
+                group_end = np.where(np.append(nr[1:], True), pos, n)
+                end = np.minimum.accumulate(group_end[::-1])[::-1]
+                np.add(start, end, out=ksorted[r])
+                ksorted[r] += 1
+            if nan_count[r]:
+                ksorted[r, n - nan_count[r] :] = 0
+        np.put_along_axis(keys[i0 : i0 + _RANK_BLOCK_ROWS], order, ksorted, axis=1)
+        counts[i0 : i0 + _RANK_BLOCK_ROWS] = n - nan_count
+        if orders is not None:
+            orders[i0 : i0 + _RANK_BLOCK_ROWS] = order
+    return keys, counts, orders
+
+
+def key_table(count: int, fn: str = "rank") -> np.ndarray:
+    """Value of every possible key (index 0..2*count-1) for rows with ``count`` entries.
+
+    ``fn``: "rank" gives ``key / (2 count)``; "gaussian" its normal quantile (numerai's
+    ``gaussian(tie_kept_rank(.))``); "gaussian_pow15" the signed 1.5 power of that
+    (numerai's ``tie_kept_rank__gaussianize__pow_1_5``). Index 0 (NaN key) maps to NaN.
+    """
+    if count < 1:
+        raise ValueError("count must be >= 1")
+    table = np.arange(2 * count, dtype=np.float64) / (2 * count)
+    if fn != "rank":
+        table = ndtri(table)
+        if fn == "gaussian_pow15":
+            table = np.sign(table) * np.abs(table) ** 1.5
+        elif fn != "gaussian":
+            raise ValueError(f"unknown key table {fn!r}")
+    table[0] = np.nan
+    return table
+
+
+def keys_to_values(keys: np.ndarray, counts: np.ndarray, fn: str = "rank") -> np.ndarray:
+    """Map ``rank_keys`` output through ``key_table`` row by row (one table per distinct count)."""
+    uniq, inverse = np.unique(counts, return_inverse=True)
+    if len(uniq) == 1:
+        return key_table(max(int(uniq[0]), 1), fn)[keys]  # fancy indexing: fastest gather
+    out = np.empty(keys.shape, dtype=np.float64)
+    for u, c in enumerate(uniq):
+        rows = np.flatnonzero(inverse == u)
+        out[rows] = key_table(max(int(c), 1), fn)[keys[rows]]
+    return out
+
+
+def _column_transform(x: np.ndarray, fn: str) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64)
+    squeeze = a.ndim == 1
+    # Work on rows (models x ids): a DataFrame's values are column-major, so .T is free.
+    rows = a[None, :] if squeeze else a.T
+    out = np.empty(rows.shape, dtype=np.float64)
+    step = 8 * _RANK_BLOCK_ROWS  # bounds the int32 key buffer; reused blocks avoid page faults
+    for i0 in range(0, rows.shape[0], step):
+        keys, counts, _ = rank_keys(rows[i0 : i0 + step])
+        out[i0 : i0 + step] = keys_to_values(keys, counts, fn)
+    return out[0] if squeeze else out.T
+
 
 def tie_kept_rank(x: np.ndarray) -> np.ndarray:
     """Percentile rank of each column, ties averaged, centred: (rank - 0.5) / count.
 
     Equals ``numerai_tools.scoring.tie_kept_rank`` column by column; NaN entries stay NaN and
-    do not count. One argsort for the whole matrix instead of one pandas rank per column.
+    do not count.
     """
-    a = np.asarray(x, dtype=np.float64)
-    squeeze = a.ndim == 1
-    # Work on rows (models x stocks), contiguous, which is several times faster to sort.
-    a = np.ascontiguousarray(a[None, :] if squeeze else a.T)
-    _, n = a.shape
-    order = np.argsort(a, axis=1)  # NaN sort last; tie order is irrelevant to average ranks
-    s = np.take_along_axis(a, order, axis=1)
-    pos = np.arange(n, dtype=np.float64)[None, :]
-    # A tie group starts where the sorted value changes; NaN != NaN puts each NaN alone.
-    new = np.ones_like(s, dtype=bool)
-    new[:, 1:] = s[:, 1:] != s[:, :-1]
-    start = np.maximum.accumulate(np.where(new, pos, 0.0), axis=1)
-    last = np.ones_like(s, dtype=bool)
-    last[:, :-1] = new[:, 1:]
-    end = np.minimum.accumulate(np.where(last, pos, float(n))[:, ::-1], axis=1)[:, ::-1]
-    count = np.sum(~np.isnan(a), axis=1, keepdims=True).astype(np.float64)
-    ranks_sorted = ((start + end) / 2.0 + 0.5) / count
-    ranks_sorted[np.isnan(s)] = np.nan
-    out = np.empty_like(ranks_sorted)
-    np.put_along_axis(out, order, ranks_sorted, axis=1)
-    return out[0] if squeeze else out.T
+    return _column_transform(x, "rank")
 
 
 def gaussianize(ranks: np.ndarray) -> np.ndarray:
@@ -46,5 +131,6 @@ def gaussianize(ranks: np.ndarray) -> np.ndarray:
 
 
 def gaussian_rank(x: np.ndarray) -> np.ndarray:
-    """Tie-kept rank then gaussianize each column (NaN stays NaN)."""
-    return gaussianize(tie_kept_rank(x))
+    """Tie-kept rank then gaussianize each column (NaN stays NaN); bitwise equal to
+    ``gaussianize(tie_kept_rank(x))`` but via a per-count lookup table."""
+    return _column_transform(x, "gaussian")
