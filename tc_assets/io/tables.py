@@ -130,6 +130,65 @@ TABLES: dict[str, Table] = {
             "engine VARCHAR",
             "round model_id",
         ),
+        # Payouts (issue 5).
+        _t(
+            "payouts",
+            "Classic stake payouts: stake * clip(payout_factor * score, -clip, +clip), "
+            "score = corr_multiplier * corr + tc_multiplier * tc; `clipped`: at the bound.",
+            "round INTEGER, model_id VARCHAR, stake DOUBLE, corr DOUBLE, tc DOUBLE, "
+            "corr_multiplier DOUBLE, tc_multiplier DOUBLE, payout_factor DOUBLE, score DOUBLE, "
+            "payout DOUBLE, clipped BOOLEAN",
+            "round model_id",
+        ),
+        _t(
+            "payout_summary",
+            "One row per round: stakes, payout factor, payout totals, and the staked models "
+            "without a payout row (no valid submission, portfolio only, unscored).",
+            "round INTEGER, stake_rows INTEGER, staked_models INTEGER, "
+            "valid_staked_models INTEGER, total_stake DOUBLE, valid_stake DOUBLE, "
+            "payout_factor DOUBLE, payout_rows INTEGER, models_paid INTEGER, "
+            "no_valid_submission INTEGER, staked_no_valid_submission INTEGER, "
+            "portfolio_only INTEGER, unscored INTEGER, submitted_without_stake_row INTEGER, "
+            "total_payout DOUBLE, total_gains DOUBLE, total_losses DOUBLE, clipped INTEGER",
+            "round",
+        ),
+        _t(
+            "portfolio_scores",
+            "Portfolio-weight submissions: PB, PR, MB, MR, transaction cost, payout "
+            "percentages, marginal return of moving a fraction of the fund into the portfolio "
+            "and its scenario (A-D), payout, and capacity (LMV of the largest dollar return, "
+            "LMV past which it loses money).",
+            "round INTEGER, model_id VARCHAR, pb DOUBLE, pr DOUBLE, mb DOUBLE, mr DOUBLE, "
+            "transaction_cost DOUBLE, pp DOUBLE, scenario VARCHAR, transaction_cost_raw DOUBLE, "
+            "pp_raw DOUBLE, marginal_return DOUBLE, stake DOUBLE, payout_factor DOUBLE, "
+            "payout DOUBLE, capacity_usd DOUBLE, breakeven_usd DOUBLE, cost_model VARCHAR",
+            "round model_id",
+        ),
+        _t(
+            "meta_portfolio_returns",
+            "The optimized meta portfolio's bucketed and raw return, its transaction cost and "
+            "net return per round (the Sharpe contribution's baseline).",
+            "round INTEGER, mb DOUBLE, mr DOUBLE, transaction_cost DOUBLE, net_return DOUBLE, "
+            "long_market_value_usd DOUBLE, cost_model VARCHAR",
+            "round",
+        ),
+        _t(
+            "capacity_curves",
+            "Dollar return and transaction cost of each portfolio submission against the long "
+            "market value invested, under the liquidity cost model.",
+            "round INTEGER, model_id VARCHAR, long_market_value_usd DOUBLE, "
+            "dollar_return_usd DOUBLE, cost_usd DOUBLE",
+            "round model_id long_market_value_usd",
+        ),
+        _t(
+            "sharpe_contribution",
+            "Per portfolio model, over the window of rounds ending at `round`: the meta "
+            "portfolio's Sharpe with a fraction moved into the model, minus its own.",
+            "round INTEGER, model_id VARCHAR, window_rounds INTEGER, rounds_submitted INTEGER, "
+            "meta_sharpe DOUBLE, blended_sharpe DOUBLE, sharpe_contribution DOUBLE, "
+            "mean_marginal_return DOUBLE, corr_with_meta DOUBLE",
+            "round model_id",
+        ),
     ]
 }
 
