@@ -40,6 +40,7 @@ __all__ = [
     "clipped_payout",
     "payout_factor",
     "stake_score",
+    "valid_stake",
 ]
 
 DEFAULT_STAKE_THRESHOLD = 72_000.0
@@ -99,6 +100,11 @@ def payout_factor(total_stake: float, stake_threshold: float) -> float:
     if stake_threshold <= 0:
         raise ValueError(f"stake_threshold must be > 0, got {stake_threshold}")
     return 1.0 if total_stake <= stake_threshold else stake_threshold / total_stake
+
+
+def valid_stake(stakes: pd.Series, submitted: Iterable[str]) -> float:
+    """S of the payout factor: total stake of the models with a valid submission of any kind."""
+    return float(stakes[stakes.index.isin(pd.Index(list(submitted)))].sum())
 
 
 def stake_score(
@@ -189,8 +195,8 @@ def classic_payouts(
     portfolios = pd.Index(list(portfolio_models))
     stake = stakes["stake"].astype(np.float64)
     submitted = stakes.index.isin(predicted) | stakes.index.isin(portfolios)
-    valid_stake = float(stake[submitted].sum())
-    factor = payout_factor(valid_stake, rules.stake_threshold)
+    total_valid = valid_stake(stake, predicted.union(portfolios))
+    factor = payout_factor(total_valid, rules.stake_threshold)
 
     rows = stakes.loc[stakes.index.isin(predicted)].sort_index()
     metric = scores.reindex(rows.index)
@@ -237,7 +243,7 @@ def classic_payouts(
         staked_models=int((stake > 0).sum()),
         valid_staked_models=int(((stake > 0) & submitted).sum()),
         total_stake=float(stake.sum()),
-        valid_stake=valid_stake,
+        valid_stake=total_valid,
         payout_factor=factor,
         payout_rows=len(table),
         models_paid=int((table["stake"] > 0).sum()),
