@@ -39,6 +39,25 @@ def rejections(warehouse: Warehouse, round_number: int) -> pd.DataFrame:
     return frame[["model_id", "kind", "rule", "reason"]]
 
 
+def leaderboard(warehouse: Warehouse, round_number: int) -> pd.DataFrame:
+    """The round's classic payouts with the model's metrics, largest payout first."""
+    tables = set(warehouse.table_names())
+    if "payouts" not in tables:
+        return pd.DataFrame()
+    fnc, join = "NULL", ""
+    if "model_metrics" in tables:
+        fnc = "m.fnc_v3"
+        join = "LEFT JOIN model_metrics m ON m.round = p.round AND m.model_id = p.model_id"
+    return warehouse.query(
+        f"""
+        SELECT p.model_id AS model, p.stake, p.corr, p.tc, {fnc} AS fnc_v3, p.payout
+        FROM payouts p {join}
+        WHERE p.round = ? ORDER BY p.payout DESC, p.model_id
+        """,
+        [int(round_number)],
+    )
+
+
 def print_demo_report(warehouse_path: str, rounds: Sequence[int]) -> None:
     """Print what a newcomer should see after the demo."""
     wh = Warehouse(warehouse_path)
@@ -52,3 +71,8 @@ def print_demo_report(warehouse_path: str, rounds: Sequence[int]) -> None:
     rej = rejections(wh, last)
     print(f"\nRejected submissions of round {last}")
     print(rej.to_string(index=False, max_colwidth=70) if len(rej) else "(none)")
+    paid = [r for r in wh.partitions("payouts") if r in set(rounds)]
+    if paid:
+        board = leaderboard(wh, max(paid))
+        print(f"\nLeaderboard of round {max(paid)} (classic payouts, largest first)")
+        print(board.to_string(index=False, float_format=lambda v: f"{v:,.4f}"))
