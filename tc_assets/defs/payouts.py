@@ -163,18 +163,19 @@ def _capacity_png(curves: pd.DataFrame, table: pd.DataFrame, fund_lmv: float, r:
     fig = Figure(figsize=(9, 5.5), dpi=100)
     ax = fig.add_subplot()
     caps = table.set_index("model_id")
-    top = 0.0
+    top, right = 0.0, 0.0
     for model, c in curves.groupby("model_id", sort=True):
         lmv = c["long_market_value_usd"].to_numpy() / 1e6
         d = c["dollar_return_usd"].to_numpy() / 1e6
-        peak, even = caps.loc[model, "capacity_usd"], caps.loc[model, "breakeven_usd"]
-        label = f"{model}: peak at ${peak / 1e6:,.1f}M" if peak > 0 else f"{model}: never pays"
+        row = caps.loc[model]
+        peak, even = row["capacity_usd"] / 1e6, row["breakeven_usd"] / 1e6
+        label = f"{model}: peak at ${peak:,.1f}M" if peak > 0 else f"{model}: never pays"
         (line,) = ax.plot(lmv, d, label=label, lw=1.5)
         if 0 < peak < np.inf:
-            best = float(np.interp(np.log(peak), np.log(c["long_market_value_usd"]), d))
-            top = max(top, best)
-            ax.plot([peak / 1e6], [best], "o", color=line.get_color())
-            ax.plot([even / 1e6], [0.0], "x", color=line.get_color())
+            best = row["peak_dollar_return_usd"] / 1e6
+            top, right = max(top, best), max(right, even)
+            ax.plot([peak], [best], "o", color=line.get_color())
+            ax.plot([even], [0.0], "x", color=line.get_color())
     ax.axhline(0.0, color="black", lw=0.8)
     ax.axvline(
         fund_lmv / 1e6, color="grey", ls="--", lw=1, label=f"fund LMV ${fund_lmv / 1e6:,.0f}M"
@@ -182,6 +183,7 @@ def _capacity_png(curves: pd.DataFrame, table: pd.DataFrame, fund_lmv: float, r:
     ax.set_xscale("log")
     if top > 0:
         ax.set_ylim(-1.5 * top, 1.25 * top)
+        ax.set_xlim(right=min(curves["long_market_value_usd"].max() / 1e6, 10 * right))
     ax.set_xlabel("long market value invested ($M, log scale)")
     ax.set_ylabel("dollar return of the round after costs ($M)")
     ax.set_title(f"Round {r}: capacity of portfolio submissions (o peak, x break-even)")

@@ -156,12 +156,13 @@ TABLES: dict[str, Table] = {
             "portfolio_scores",
             "Portfolio-weight submissions: PB, PR, MB, MR, transaction cost, payout "
             "percentages, marginal return of moving a fraction of the fund into the portfolio "
-            "and its scenario (A-D), payout, and capacity (LMV of the largest dollar return, "
-            "LMV past which it loses money).",
+            "and its scenario (A-D), payout, and capacity under the liquidity model (LMV of the "
+            "largest dollar return, that return, and the LMV past which it loses money).",
             "round INTEGER, model_id VARCHAR, pb DOUBLE, pr DOUBLE, mb DOUBLE, mr DOUBLE, "
             "transaction_cost DOUBLE, pp DOUBLE, scenario VARCHAR, transaction_cost_raw DOUBLE, "
             "pp_raw DOUBLE, marginal_return DOUBLE, stake DOUBLE, payout_factor DOUBLE, "
-            "payout DOUBLE, capacity_usd DOUBLE, breakeven_usd DOUBLE, cost_model VARCHAR",
+            "payout DOUBLE, capacity_usd DOUBLE, breakeven_usd DOUBLE, "
+            "peak_dollar_return_usd DOUBLE, cost_model VARCHAR",
             "round model_id",
         ),
         _t(

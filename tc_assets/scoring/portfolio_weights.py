@@ -120,6 +120,7 @@ PORTFOLIO_SCORE_COLUMNS = [
     "payout",
     "capacity_usd",
     "breakeven_usd",
+    "peak_dollar_return_usd",
     "cost_model",
 ]
 META_COLUMNS = ["mb", "mr", "transaction_cost", "net_return", "long_market_value_usd", "cost_model"]
@@ -553,9 +554,9 @@ def score_portfolios(
     stake = stakes.reindex(good.columns).fillna(0.0).to_numpy(np.float64)
     if terms is not None:
         cap = capacity(pr, terms, s.spread, s.impact_coef)
-        peak, breakeven = cap.peak_usd, cap.breakeven_usd
+        peak, breakeven, best = cap.peak_usd, cap.breakeven_usd, cap.peak_dollar_return_usd
     else:
-        peak = breakeven = np.full(len(pr), np.nan)
+        peak = breakeven = best = np.full(len(pr), np.nan)
     table = pd.DataFrame(
         {
             "model_id": np.asarray([str(c) for c in good.columns], dtype=object),
@@ -574,6 +575,7 @@ def score_portfolios(
             "payout": stake * np.clip(payout_factor * basis, -clip, clip),
             "capacity_usd": peak,
             "breakeven_usd": breakeven,
+            "peak_dollar_return_usd": best,
             "cost_model": cost_model,
         },
         columns=PORTFOLIO_SCORE_COLUMNS,
