@@ -375,19 +375,21 @@ def _population(s: SyntheticSettings, st: _Structure) -> _Population:
         i = np.flatnonzero(kind == k)
         fw[i] = rng.uniform(f_lo, f_hi, i.size)
         aw[i] = rng.uniform(a_lo, a_hi, i.size)
-    # Feature-exposed models also bet on two of the four highest-|beta| features.
+    # Feature-exposed models also bet on single features: a large bet on one of the four
+    # highest-|beta| features and a smaller one on another, in the direction of their betas.
     top = np.argsort(-np.abs(st.beta), kind="stable")[:4]
     bets = {}
     for i in np.flatnonzero(kind == "feature_exposed"):
         j = rng.choice(top, 2, replace=False)
-        bets[int(i)] = (j, np.sign(st.beta[j]) * rng.uniform(0.5, 0.7, 2))
+        size = np.array([rng.uniform(1.0, 1.4), rng.uniform(0.3, 0.6)])
+        bets[int(i)] = (j, np.sign(st.beta[j]) * size)
 
     duplicate_of = np.full(m, -1)
     dups = np.flatnonzero(kind == "duplicate")
     duplicate_of[dups] = mixed[: dups.size]
     fw[dups], aw[dups] = fw[mixed[: dups.size]], aw[mixed[: dups.size]]
     both = int(mixed[dups.size])  # a mixed model that submits a portfolio too
-    spare = mixed[dups.size + 1 :]  # mixed models free to round, go partial or be absent
+    spare = mixed[dups.size + 1 :]
     portfolio_style = {
         int(i): _PORTFOLIO_STYLES[n % len(_PORTFOLIO_STYLES)]
         for n, i in enumerate(np.flatnonzero(kind == "portfolio"))
@@ -396,12 +398,14 @@ def _population(s: SyntheticSettings, st: _Structure) -> _Population:
 
     cdf_output = np.zeros(m, dtype=bool)
     cdf_output[mixed] = rng.random(mixed.size) < 0.5
+    # Disjoint roles among the spare mixed models: rounders, partial coverage, may be absent.
+    free = rng.permutation(spare)
+    n_round = min(free.size, max(1, round(s.rounding_share * mixed.size)))
+    n_partial = min(free.size - n_round, max(1, round(s.partial_share * mixed.size)))
     decimals = np.full(m, PREDICTION_DECIMALS)
-    rounders = rng.choice(spare, max(1, round(s.rounding_share * mixed.size)), replace=False)
-    decimals[rounders] = rng.choice([2, 3], rounders.size)
+    decimals[free[:n_round]] = np.where(np.arange(n_round) % 2 == 0, 2, 3)
     partial = np.zeros(m, dtype=bool)
-    partial[rng.choice(spare, max(1, round(s.partial_share * mixed.size)), replace=False)] = True
-
+    partial[free[n_round : n_round + n_partial]] = True
     stake = np.round(s.stake_median * np.exp(s.stake_sigma * rng.standard_normal(m)), 2)
     stake[kind == "zero_stake_informative"] = 0.0
     corr_mult = rng.choice(CORR_MULTIPLIERS, m, p=CORR_MULTIPLIER_P)
@@ -419,7 +423,7 @@ def _population(s: SyntheticSettings, st: _Structure) -> _Population:
         corr_multiplier=corr_mult,
         tc_multiplier=tc_mult,
         duplicate_of=duplicate_of,
-        absent_pool=spare,
+        absent_pool=np.sort(free[n_round + n_partial :]),
         portfolio_style=portfolio_style,
         bad_ids=ids[m:],
     )
