@@ -15,11 +15,12 @@ from types import ModuleType
 
 import dagster as dg
 
-from tc_assets.defs import ingest
+from tc_assets.defs import checks, ingest, metrics
+from tc_assets.defs.automation import AutomationSettings, build_automation
 from tc_assets.defs.partitions import rounds_partitions
 from tc_assets.defs.resources import RoundSourceResource, WarehouseResource
 
-AREAS: list[ModuleType] = [ingest]
+AREAS: list[ModuleType] = [ingest, checks, metrics]
 
 SCORE_ROUND_JOB = "score_round"
 INGEST_ROUND_JOB = "ingest_round"
@@ -61,8 +62,15 @@ def round_assets() -> list[dg.AssetsDefinition]:
     return [a for a in _collect("assets") if a.partitions_def == rounds_partitions]
 
 
-def build_definitions(paths: PlatformPaths) -> dg.Definitions:
-    """The platform's Definitions with resources bound to `paths`."""
+def build_definitions(
+    paths: PlatformPaths, automation: AutomationSettings | None = None
+) -> dg.Definitions:
+    """The platform's Definitions with resources bound to `paths`.
+
+    The close schedule and the sensors (automation.py) target the two round jobs; their
+    settings default to the TC_* environment variables. Runs execute in process (one process
+    per run: far less start-up on a small machine); the warehouse pool is honoured all the same.
+    """
     assets = _collect("assets")
     score_round = dg.define_asset_job(
         SCORE_ROUND_JOB,
@@ -76,14 +84,16 @@ def build_definitions(paths: PlatformPaths) -> dg.Definitions:
         partitions_def=rounds_partitions,
         description="Read, validate and warehouse one round's inputs.",
     )
+    schedules, sensors = build_automation(ingest_round, score_round, round_assets(), automation)
     return dg.Definitions(
         assets=assets,
         asset_checks=_collect("asset_checks"),
         jobs=[score_round, ingest_round, *_collect("jobs")],
-        schedules=_collect("schedules"),
-        sensors=_collect("sensors"),
+        schedules=[*schedules, *_collect("schedules")],
+        sensors=[*sensors, *_collect("sensors")],
+        executor=dg.in_process_executor,
         resources={
-            "round_source": RoundSourceResource(uri=paths.source),
+            "round_source": RoundSourceResource.for_uri(paths.source),
             "warehouse": WarehouseResource(path=paths.warehouse),
             "io_manager": dg.FilesystemIOManager(base_dir=paths.storage),
         },

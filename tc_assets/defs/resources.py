@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import dagster as dg
+from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
-from tc_assets.io.source import RoundSource, open_source
+from tc_assets.io.s3_source import DEFAULT_MAX_ATTEMPTS, ENDPOINT_ENV, S3RoundSource
+from tc_assets.io.source import LocalRoundSource, RoundSource
 from tc_assets.io.warehouse import Warehouse
 
 
@@ -29,12 +32,31 @@ class WarehouseResource(dg.ConfigurableResource):
         return Path(self.path).expanduser().resolve().parent
 
 
+def s3_from_env() -> S3Resource:
+    """The S3 client settings: endpoint from TC_S3_ENDPOINT_URL (unset: AWS), retries in
+    botocore's standard mode. Credentials and region are never configured here: boto3 reads
+    them from the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, a role)."""
+    return S3Resource(
+        endpoint_url=os.environ.get(ENDPOINT_ENV) or None, max_attempts=DEFAULT_MAX_ATTEMPTS
+    )
+
+
 class RoundSourceResource(dg.ConfigurableResource):
     """Where rounds are read from: a local folder or an s3://bucket/prefix URI."""
 
     uri: str = Field(
         description="Local folder or s3://bucket/prefix holding features.json and rounds/."
     )
+    s3: S3Resource = Field(
+        description="S3 client settings (dagster-aws), used when `uri` is s3://; see s3_from_env."
+    )
+
+    @classmethod
+    def for_uri(cls, uri: str) -> RoundSourceResource:
+        """The resource for `uri` with S3 settings from the environment."""
+        return cls(uri=uri, s3=s3_from_env())
 
     def open(self) -> RoundSource:
-        return open_source(self.uri)
+        if self.uri.startswith("s3://"):
+            return S3RoundSource.from_uri(self.uri, client=self.s3.get_client())
+        return LocalRoundSource(self.uri)

@@ -1,32 +1,66 @@
-"""A round source under an S3 prefix, read with a boto3 client (same layout as a local folder)."""
+"""A round source under an S3 prefix, read with a boto3 client (same layout as a local folder).
+
+Transient errors are retried at two levels: the client's own retry handler (botocore "standard"
+mode: throttling, 5xx, connection errors on the request) and, here, a re-read of an object whose
+body stream broke off midway, which botocore does not retry. Credentials never pass through this
+module: boto3 finds them in the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, an instance role).
+"""
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 from tc_assets.io.source import RoundSource, SourceError
+
+# An S3-compatible endpoint (MinIO, a local moto server); unset means AWS itself.
+ENDPOINT_ENV = "TC_S3_ENDPOINT_URL"
+# Retries per request by botocore's retry handler (S3Resource.max_attempts; botocore makes
+# at most this many + 1 attempts, backing off exponentially with jitter, capped at 20 s).
+DEFAULT_MAX_ATTEMPTS = 8
+
+
+def client_from_env(max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> Any:
+    """A boto3 S3 client: endpoint from TC_S3_ENDPOINT_URL, credentials and region from the
+    environment, botocore's standard retry mode (the same settings as the Dagster S3Resource)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=os.environ.get(ENDPOINT_ENV) or None,
+        config=Config(retries={"max_attempts": max_attempts, "mode": "standard"}),
+    )
 
 
 class S3RoundSource(RoundSource):
     """Rounds under `s3://bucket/prefix`; the client is built by the caller (e.g. S3Resource)."""
 
-    def __init__(self, client: Any, bucket: str, prefix: str = "") -> None:
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        prefix: str = "",
+        read_attempts: int = 4,
+        retry_delay_s: float = 0.2,
+    ) -> None:
         self.client = client
         self.bucket = bucket
         self.prefix = prefix.strip("/")
+        self.read_attempts = max(1, read_attempts)
+        self.retry_delay_s = retry_delay_s
 
     @classmethod
     def from_uri(cls, uri: str, client: Any = None, **client_kwargs: Any) -> S3RoundSource:
-        """Parse `s3://bucket/prefix`; build a boto3 client from the environment if none given."""
+        """Parse `s3://bucket/prefix`; without a client, build one with `client_from_env`."""
         if not uri.startswith("s3://"):
             raise ValueError(f"not an s3:// URI: {uri!r}")
         bucket, _, prefix = uri[len("s3://") :].partition("/")
         if not bucket:
             raise ValueError(f"no bucket in {uri!r}")
         if client is None:
-            import boto3
-
-            client = boto3.client("s3", **client_kwargs)
+            client = client_from_env(**client_kwargs)
         return cls(client, bucket, prefix)
 
     @property
@@ -35,21 +69,40 @@ class S3RoundSource(RoundSource):
 
     def _key(self, rel: str) -> str:
         rel = rel.strip("/")
-        return f"{self.prefix}/{rel}" if self.prefix else rel
+        return "/".join(part for part in (self.prefix, rel) if part)
+
+    def _dir_prefix(self, rel_dir: str) -> str:
+        """The key prefix of a folder, ending in '/' (or '' for the root of a bucket)."""
+        key = self._key(rel_dir)
+        return f"{key}/" if key else ""
 
     def read_bytes(self, rel: str) -> bytes:
-        from botocore.exceptions import BotoCoreError, ClientError
+        """The object's content; a body stream that breaks off is read again (with backoff)."""
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionError,
+            HTTPClientError,
+            IncompleteReadError,
+        )
 
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read()
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            raise SourceError(f"{self.uri}/{rel}: {code or exc}") from exc
-        except BotoCoreError as exc:
-            raise SourceError(f"{self.uri}/{rel}: {exc}") from exc
+        transient = (HTTPClientError, ConnectionError, IncompleteReadError)
+        for attempt in range(self.read_attempts):
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
+                return response["Body"].read()
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                raise SourceError(f"{self.uri}/{rel}: {code or exc}") from exc
+            except transient as exc:
+                if attempt + 1 == self.read_attempts:
+                    raise SourceError(
+                        f"{self.uri}/{rel}: {exc} (after {self.read_attempts} attempts)"
+                    ) from exc
+                time.sleep(self.retry_delay_s * 2**attempt)
+        raise AssertionError("unreachable")
 
     def exists(self, rel: str) -> bool:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
@@ -58,28 +111,52 @@ class S3RoundSource(RoundSource):
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise SourceError(f"{self.uri}/{rel}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise SourceError(f"{self.uri}/{rel}: {exc}") from exc
+
+    def _list(self, prefix: str, delimiter: bool) -> list[dict[str, Any]]:
+        """Every page of a listing under `prefix` (with '/' as delimiter when asked)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if delimiter:
+            kwargs["Delimiter"] = "/"
+        try:
+            return list(self.client.get_paginator("list_objects_v2").paginate(**kwargs))
+        except (ClientError, BotoCoreError) as exc:
+            raise SourceError(f"{self.uri}: cannot list {prefix!r}: {exc}") from exc
 
     def list_names(self, rel_dir: str) -> list[str]:
-        prefix = (
-            self._key(rel_dir) + "/"
-            if rel_dir.strip("/")
-            else (self.prefix + "/" if self.prefix else "")
-        )
+        prefix = self._dir_prefix(rel_dir)
         names: set[str] = set()
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+        for page in self._list(prefix, delimiter=True):
             for item in page.get("Contents", []):
                 names.add(item["Key"][len(prefix) :])
             for common in page.get("CommonPrefixes", []):
                 names.add(common["Prefix"][len(prefix) :].rstrip("/"))
         return sorted(n for n in names if n)
 
+    def etags(self, rel_dir: str) -> dict[str, str]:
+        """ETag of every object under `rel_dir`, at any depth, keyed by its path from the root.
+
+        One paginated listing (1,000 objects a request), no object read: how the automation
+        notices changed files without downloading them.
+        """
+        prefix = self._dir_prefix(rel_dir)
+        root = self._dir_prefix("")
+        return {
+            item["Key"][len(root) :]: str(item["ETag"]).strip('"')
+            for page in self._list(prefix, delimiter=False)
+            for item in page.get("Contents", [])
+            if not item["Key"].endswith("/")
+        }
+
     def fingerprint(self, rel: str) -> str:
         """The object's ETag (a content hash for single-part uploads) without downloading it."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             raise SourceError(f"{self.uri}/{rel}: {exc}") from exc
         return str(head["ETag"]).strip('"')
