@@ -102,9 +102,17 @@ def payout_factor(total_stake: float, stake_threshold: float) -> float:
     return 1.0 if total_stake <= stake_threshold else stake_threshold / total_stake
 
 
+def _member(index: pd.Index, models: Iterable[str]) -> np.ndarray:
+    """Boolean mask of `index` entries in `models`: a set lookup over object arrays (pandas'
+    isin and iteration over Arrow-backed string indexes cost microseconds per element)."""
+    as_objects = lambda v: v.to_numpy(dtype=object) if isinstance(v, pd.Index) else v  # noqa: E731
+    wanted = set(as_objects(models))
+    return np.fromiter((m in wanted for m in as_objects(index)), dtype=bool, count=len(index))
+
+
 def valid_stake(stakes: pd.Series, submitted: Iterable[str]) -> float:
     """S of the payout factor: total stake of the models with a valid submission of any kind."""
-    return float(stakes[stakes.index.isin(pd.Index(list(submitted)))].sum())
+    return float(stakes.to_numpy(np.float64)[_member(stakes.index, submitted)].sum())
 
 
 def stake_score(
@@ -192,13 +200,15 @@ def classic_payouts(
     if scores.index.has_duplicates or stakes.index.has_duplicates:
         raise ValueError("model ids must be unique in stakes and scores")
     predicted = scores.index
-    portfolios = pd.Index(list(portfolio_models))
+    portfolios = set(portfolio_models)
     stake = stakes["stake"].astype(np.float64)
-    submitted = stakes.index.isin(predicted) | stakes.index.isin(portfolios)
-    total_valid = valid_stake(stake, predicted.union(portfolios))
+    has_predictions = _member(stakes.index, predicted)
+    has_portfolio = _member(stakes.index, portfolios)
+    submitted = has_predictions | has_portfolio
+    total_valid = float(stake.to_numpy()[submitted].sum())
     factor = payout_factor(total_valid, rules.stake_threshold)
 
-    rows = stakes.loc[stakes.index.isin(predicted)].sort_index()
+    rows = stakes.loc[has_predictions].sort_index()
     metric = scores.reindex(rows.index)
     score = stake_score(
         metric["corr"], metric["tc"], rows["corr_multiplier"], rows["tc_multiplier"]
@@ -223,20 +233,13 @@ def classic_payouts(
     unscored = rows.index[~scorable]
     unpaid_parts = [
         (stakes.index[~submitted], NO_VALID_SUBMISSION),
-        (
-            stakes.index[stakes.index.isin(portfolios) & ~stakes.index.isin(predicted)],
-            PORTFOLIO_ONLY,
-        ),
+        (stakes.index[has_portfolio & ~has_predictions], PORTFOLIO_ONLY),
         (unscored, "an elected metric (corr or tc) is missing"),
     ]
     unpaid = pd.DataFrame(
-        [
-            {"model_id": m, "stake": float(stake[m]), "reason": reason}
-            for ids, reason in unpaid_parts
-            for m in ids
-        ],
-        columns=["model_id", "stake", "reason"],
+        [(m, reason) for ids, reason in unpaid_parts for m in ids], columns=["model_id", "reason"]
     )
+    unpaid.insert(1, "stake", stake.reindex(unpaid["model_id"]).to_numpy(np.float64))
     paid = table["payout"]
     summary = PayoutSummary(
         stake_rows=len(stakes),
@@ -251,7 +254,7 @@ def classic_payouts(
         staked_no_valid_submission=int(((stake > 0) & ~submitted).sum()),
         portfolio_only=int((unpaid["reason"] == PORTFOLIO_ONLY).sum()),
         unscored=len(unscored),
-        submitted_without_stake_row=int((~predicted.isin(stakes.index)).sum()),
+        submitted_without_stake_row=int((~_member(predicted, stakes.index)).sum()),
         total_payout=float(paid.sum()),
         total_gains=float(paid[paid > 0].sum()),
         total_losses=float(paid[paid < 0].sum()),

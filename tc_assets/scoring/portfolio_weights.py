@@ -223,7 +223,7 @@ class PortfolioPayoutSettings(BaseModel):
         default=1.0e10, gt=0, description="Largest LMV of the capacity curves. Default 1e10."
     )
     capacity_points: int = Field(
-        default=51, ge=2, description="LMV grid points (log spaced) of a capacity curve."
+        default=81, ge=2, description="LMV grid points (log spaced) of a capacity curve."
     )
 
     @model_validator(mode="after")
