@@ -128,6 +128,13 @@ def test_liquidity_model_in_a_scored_round():
     # Meta [1, 0, 0, -1]: 1 * (0.001 + 0.01 * 1) + 1 * (0.001 + 0.01 / 16) = 0.0126250
     assert out.meta.iloc[0]["transaction_cost"] == pytest.approx(0.012625)
     assert out.meta.iloc[0]["net_return"] == pytest.approx(0.07 - 0.012625)
+    # Blended book v = 0.99 m + 0.01 w = [0.995, 0.005, -0.005, -0.995]:
+    # TC(v) = 0.001 * 2 + 0.01 * (0.995^2 / 1 + 0.005^2 / 4 + 0.005^2 / 1 + 0.995^2 / 16)
+    tc_v = 0.002 + 0.01 * (0.995**2 + 0.005**2 / 4 + 0.005**2 + 0.995**2 / 16)
+    assert tc_v == pytest.approx(0.012519328125)
+    # delta = 0.01 (PR - MR) - (TC(v) - TC(m)) = -0.0005 + 0.000105671875 -> MR >= 0: B
+    assert row["marginal_return"] == pytest.approx(-0.000394328125)
+    assert row["scenario"] == "B"
     # Without market data the round falls back to constant costs.
     assert _score(settings=s, adv=None).table.iloc[0]["cost_model"] == "constant"
 
@@ -157,6 +164,28 @@ def test_same_pb_in_illiquid_names_pays_less_than_in_liquid_names():
     assert t.loc["illiquid", "capacity_usd"] < t.loc["liquid", "capacity_usd"]
 
 
+def test_adding_to_the_meta_portfolios_crowded_names_is_worth_less():
+    # The meta portfolio holds illiquid I0 / I3; "crowded" buys the same names, "elsewhere" the
+    # liquid copies with identical returns. The blended book nets orders per stock.
+    ids = pd.Index([f"{k}{i}" for k in "LI" for i in range(4)], name="id")
+    resolved = pd.DataFrame(
+        {"target": [1.0, 0.75, 0.25, 0.0] * 2, "return": [0.03, -0.01, 0.02, -0.04] * 2},
+        index=ids,
+    )
+    adv = pd.Series([5e8] * 4 + [2e6] * 4, index=ids)
+    w = pd.DataFrame(
+        {"elsewhere": [1.0, 0, 0, -1.0] + [0.0] * 4, "crowded": [0.0] * 4 + [1.0, 0, 0, -1.0]},
+        index=ids,
+    )
+    meta = pd.Series([0.0] * 4 + [1.0, 0, 0, -1.0], index=ids)
+    t = score_portfolios(w, meta, resolved, pd.Series(dtype=float), 1.0, 0.05, adv)
+    t = t.table.set_index("model_id")
+    assert t.loc["crowded", "pr"] == pytest.approx(t.loc["elsewhere", "pr"])
+    assert t.loc["crowded", "marginal_return"] < t.loc["elsewhere", "marginal_return"]
+    # "crowded" is the meta portfolio itself: moving into it changes nothing.
+    assert t.loc["crowded", "marginal_return"] == pytest.approx(0.0, abs=1e-15)
+
+
 def test_marginal_return_and_scenarios_by_hand():
     f = 0.01
     # Constant costs cancel: delta = f (PR - MR).
@@ -167,12 +196,9 @@ def test_marginal_return_and_scenarios_by_hand():
     # Ties: MR = 0 counts as making money; delta = 0 is B (meta up) or C (meta down).
     assert list(scenario(0.0, [0.0, 1e-9])) == ["B", "A"]
     assert list(scenario(-1e-9, [0.0])) == ["C"]
-    # After costs: gross edge f (PR - MR) = 1e-4; sleeve costs f TC(w; fL) = 1.5e-4, the meta
-    # sleeve saves 0.004 - 0.99 * 0.004 = 4e-5: delta = 1e-4 - 1.1e-4 < 0 although PR > MR.
-    d = marginal_return(
-        0.03, 0.02, f, user_sleeve_cost=0.015, meta_rest_cost=0.004, meta_cost=0.004
-    )
-    assert d == pytest.approx(1e-4 - (1.5e-4 + 0.99 * 0.004 - 0.004))
+    # After costs: the gross edge f (PR - MR) = 1e-4 is less than the blended book's extra cost
+    # TC(v) - TC(m) = 0.00411 - 0.004: delta < 0 although PR > MR.
+    d = marginal_return(0.03, 0.02, f, blend_cost=0.00411, meta_cost=0.004)
     assert d == pytest.approx(-1e-5) and scenario(0.02, d) == "B"
 
 

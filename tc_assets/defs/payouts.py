@@ -18,6 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import Field
 
+from tc_assets.defs.checks import check_within, round_check
 from tc_assets.defs.metadata import markdown_table, timer
 from tc_assets.defs.partitions import WAREHOUSE_POOL, round_of, rounds_partitions
 from tc_assets.defs.resources import WarehouseResource
@@ -27,7 +28,7 @@ from tc_assets.scoring.payouts import PayoutRules, classic_payouts, payout_facto
 
 GROUP = "payouts"
 CLIP_CHECK = "payouts_within_clip"
-CLIP_TOLERANCE = 1e-9  # relative slack of the clip check (floating point of stake * clip)
+CLIP_TOLERANCE = 1e-12  # slack of the clip check on payout / stake (floating point)
 
 
 class PortfolioPayoutConfig(dg.Config, pw.PortfolioPayoutSettings):
@@ -68,13 +69,6 @@ def _kv(values: dict) -> dg.MetadataValue:
     group_name=GROUP,
     pool=WAREHOUSE_POOL,
     kinds={"pandas", "duckdb"},
-    check_specs=[
-        dg.AssetCheckSpec(
-            CLIP_CHECK,
-            asset="payouts",
-            description="Every payout written for the round lies within +-clip * stake.",
-        )
-    ],
 )
 def payouts(
     context: dg.AssetExecutionContext,
@@ -83,7 +77,7 @@ def payouts(
     model_metrics: pd.DataFrame,
     tc_scores: pd.DataFrame,
     warehouse: WarehouseResource,
-):
+) -> dg.Output[pd.DataFrame]:
     """Classic payouts: stake * clip(payout_factor * (corr_mult * corr + tc_mult * tc), +-clip).
 
     payout_factor = min(1, stake_threshold / total stake of the models with a valid
@@ -112,7 +106,7 @@ def payouts(
     table = result.table
     ranked = table[table["payout"] != 0].sort_values("payout")
     shown = ["model_id", "stake", "corr", "tc", "corr_multiplier", "tc_multiplier", "payout"]
-    yield dg.Output(
+    return dg.Output(
         table,
         metadata={
             "round": r,
@@ -133,25 +127,27 @@ def payouts(
             "write_seconds": t_write["seconds"],
         },
     )
-    # The check reads back what was written, independently of the computation above.
-    written = wh.read_round("payouts", r)
-    bound = rules.clip * written["stake"].to_numpy() * (1 + CLIP_TOLERANCE)
-    outside = written[np.abs(written["payout"].to_numpy()) > bound]
-    yield dg.AssetCheckResult(
-        check_name=CLIP_CHECK,
-        passed=outside.empty,
-        metadata={
-            "clip": rules.clip,
-            "rows_checked": len(written),
-            "rows_outside": len(outside),
-            "largest_payout_over_stake": float(
-                (written["payout"].abs() / written["stake"].where(written["stake"] > 0)).max()
-            )
-            if len(written)
-            else 0.0,
-            "outside": markdown_table(outside[["model_id", "stake", "payout"]], max_rows=10),
-        },
-    )
+
+
+@round_check(
+    asset=payouts,
+    name=CLIP_CHECK,
+    pool=WAREHOUSE_POOL,
+    additional_ins={"round_info": dg.AssetIn("round_info")},
+)
+def payouts_within_clip(
+    context: dg.AssetCheckExecutionContext, round_info: dict, warehouse: WarehouseResource
+) -> dg.AssetCheckResult:
+    """Every payout written for the round lies within +-clip * stake (read back from the
+    warehouse): payout / stake in [-clip, clip], and a zero stake pays exactly zero."""
+    r = round_of(context)
+    clip = PayoutRules.from_round_info(round_info).clip
+    written = warehouse.get().read_round("payouts", r)
+    stake, paid = written["stake"].to_numpy(), written["payout"].to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(stake > 0, paid / stake, np.where(paid == 0, 0.0, np.inf))
+    values = pd.Series(ratio, index=written["model_id"], name="payout / stake")
+    return check_within(values, -clip, clip, tol=CLIP_TOLERANCE)
 
 
 # --- portfolio-weight submissions -----------------------------------------------------------
@@ -210,7 +206,7 @@ def portfolio_scores(
     resolved: pd.DataFrame,
     meta_portfolio: pd.DataFrame,
     warehouse: WarehouseResource,
-):
+) -> dg.Output[pd.DataFrame]:
     """Portfolio-weight submissions scored against the bucketed and raw returns (PB, PR), the
     meta portfolio's (MB, MR), transaction costs, payout percentages, payouts, the scenario of
     moving a fraction of the fund into each, and capacity curves (plot attached, PNG saved
@@ -287,7 +283,7 @@ def portfolio_scores(
             f"![capacity curves](data:image/png;base64,{base64.b64encode(png).decode()})"
         )
         metadata["capacity_plot_path"] = dg.MetadataValue.path(str(path))
-    yield dg.Output(table, metadata=metadata)
+    return dg.Output(table, metadata=metadata)
 
 
 # --- Sharpe contribution over a window of rounds --------------------------------------------
@@ -305,7 +301,7 @@ def sharpe_contribution_asset(
     context: dg.AssetExecutionContext,
     config: SharpeContributionConfig,
     warehouse: WarehouseResource,
-):
+) -> dg.Output[pd.DataFrame]:
     """For each portfolio model: the Sharpe of the meta portfolio's net returns over the last
     `window_rounds` resolved rounds with a fraction moved into the model, minus the meta
     portfolio's own (rounds the model skipped: nothing moved). Read from the warehouse."""
@@ -332,7 +328,7 @@ def sharpe_contribution_asset(
         meta, marginal[marginal.columns.intersection(current)], config.min_rounds
     )
     counts = wh.write_round(r, {"sharpe_contribution": out})
-    yield dg.Output(
+    return dg.Output(
         out,
         metadata={
             "round": r,
@@ -346,3 +342,4 @@ def sharpe_contribution_asset(
 
 
 assets = [payouts, portfolio_scores, sharpe_contribution_asset]
+asset_checks = [payouts_within_clip]

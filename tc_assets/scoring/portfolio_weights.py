@@ -43,11 +43,14 @@ with ``PP_basis`` = PP (``payout_basis="bucketed"``, default) or PP_raw, and ``p
 and ``clip`` the round's, as for classic payouts.
 
 **Marginal contribution.** The fund at LMV ``L`` moves a fraction ``f`` of it from the meta
-portfolio into the user's, each run as its own sleeve (costs at the sleeve's size)::
+portfolio into the user's: it holds the blended book ``v = (1 - f) m + f w`` instead of ``m``.
+Orders in the same stock net, so the cost is that of the blended book::
 
-    delta = f * (PR - MR) - [f TC(w; f L) + (1 - f) TC(m; (1 - f) L) - TC(m; L)]
+    delta = v.r - TC(v; L) - (m.r - TC(m; L)) = f * (PR - MR) - [TC(v; L) - TC(m; L)]
 
-(the bracket is 0 under the constant model). ``scenario``: A when MR >= 0 and delta > 0 (meta
+(the bracket is 0 under the constant model, which charges every book the same). Adding to the
+names the meta portfolio already trades heavily costs more than adding elsewhere, and moving
+out of the meta portfolio saves its marginal impact. ``scenario``: A when MR >= 0 and delta > 0 (meta
 made money, the user more), B when MR >= 0 and delta <= 0, C when MR < 0 and delta >= 0 (meta
 lost, the user lost less or made money), D when MR < 0 and delta < 0.
 
@@ -338,17 +341,15 @@ def marginal_return(
     pr: np.ndarray | float,
     mr: float,
     f: float,
-    user_sleeve_cost: np.ndarray | float = 0.0,
-    meta_rest_cost: float = 0.0,
+    blend_cost: np.ndarray | float = 0.0,
     meta_cost: float = 0.0,
 ) -> np.ndarray:
-    """delta = f (PR - MR) - [f TC(w; fL) + (1 - f) TC(m; (1 - f) L) - TC(m; L)].
+    """delta = f (PR - MR) - [TC((1 - f) m + f w; L) - TC(m; L)].
 
-    `user_sleeve_cost` = TC(w; fL), `meta_rest_cost` = TC(m; (1-f)L), `meta_cost` = TC(m; L),
-    all in return units of their own sleeve.
+    `blend_cost` = TC of the blended book, `meta_cost` = TC(m; L) (both 0, or equal, under the
+    constant model).
     """
-    extra = f * np.asarray(user_sleeve_cost, np.float64) + (1.0 - f) * meta_rest_cost - meta_cost
-    return f * (np.asarray(pr, np.float64) - mr) - extra
+    return f * (np.asarray(pr, np.float64) - mr) - (np.asarray(blend_cost, np.float64) - meta_cost)
 
 
 def scenario(mr: float, delta: np.ndarray | float) -> np.ndarray:
@@ -530,20 +531,14 @@ def score_portfolios(
     if adv_usd is not None:
         adv = adv_usd.reindex(ids).to_numpy(np.float64)
         terms = liquidity_terms(w, adv, s.alpha)
-        meta_terms = liquidity_terms(m[:, None], adv, s.alpha)
     if cost_model == "liquidity":
         assert terms is not None
         cost = terms.cost(lmv, s.spread, s.impact_coef)
         t_raw, t_b = cost, cost
-        meta_cost = float(meta_terms.cost(lmv, s.spread, s.impact_coef)[0])
-        delta = marginal_return(
-            pr,
-            mr,
-            f,
-            user_sleeve_cost=terms.cost(f * lmv, s.spread, s.impact_coef),
-            meta_rest_cost=float(meta_terms.cost((1 - f) * lmv, s.spread, s.impact_coef)[0]),
-            meta_cost=meta_cost,
-        )
+        meta_cost = float(liquidity_terms(m, adv, s.alpha).cost(lmv, s.spread, s.impact_coef)[0])
+        blend = (1.0 - f) * m[:, None] + f * w
+        blend_cost = liquidity_terms(blend, adv, s.alpha).cost(lmv, s.spread, s.impact_coef)
+        delta = marginal_return(pr, mr, f, blend_cost, meta_cost)
     else:
         t_raw, t_b = np.full(len(pr), s.t), np.full(len(pr), s.t_b)
         meta_cost = s.t
