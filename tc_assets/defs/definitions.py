@@ -1,7 +1,7 @@
 """The one Definitions object: every area's assets, checks, jobs, schedules and sensors.
 
 Each area module (ingest, metrics, ...) exposes lists named `assets` and optionally
-`asset_checks`, `schedules`, `sensors`; `build_definitions` gathers them, adds the round job and
+`asset_checks`, `schedules`, `sensors`, and a dict of default `resources`; `build_definitions` gathers them, adds the round job and
 binds the resources. The module-level `defs` (loaded by workspace.yaml and `dagster dev`) reads
 its paths from the environment; `tc-platform run` builds the same Definitions with its own paths.
 """
@@ -15,12 +15,12 @@ from types import ModuleType
 
 import dagster as dg
 
-from tc_assets.defs import checks, ingest, metrics
+from tc_assets.defs import checks, contribution, ingest, metrics
 from tc_assets.defs.automation import AutomationSettings, build_automation
 from tc_assets.defs.partitions import rounds_partitions
 from tc_assets.defs.resources import RoundSourceResource, WarehouseResource
 
-AREAS: list[ModuleType] = [ingest, checks, metrics]
+AREAS: list[ModuleType] = [ingest, checks, metrics, contribution]
 
 SCORE_ROUND_JOB = "score_round"
 INGEST_ROUND_JOB = "ingest_round"
@@ -96,6 +96,7 @@ def build_definitions(
             "round_source": RoundSourceResource.for_uri(paths.source),
             "warehouse": WarehouseResource(path=paths.warehouse),
             "io_manager": dg.FilesystemIOManager(base_dir=paths.storage),
+            **{key: res for area in AREAS for key, res in getattr(area, "resources", {}).items()},
         },
     )
 

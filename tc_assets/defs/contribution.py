@@ -1,0 +1,249 @@
+"""Contribution assets: the optimized meta portfolio and every model's True Contribution.
+
+Both use the one optimizer problem of `scoring/optimizer.py`, built from the round's medium
+features and liquidity. They need the resolved target (the portfolio's realized return R, and
+TC = dR/dstake), so they are skipped, not failed, until the round resolves.
+"""
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from tc_assets.defs.checks import check_finite, round_check
+from tc_assets.defs.metadata import markdown_table, timer
+from tc_assets.defs.partitions import WAREHOUSE_POOL, round_of, rounds_partitions
+from tc_assets.defs.resources import WarehouseResource
+from tc_assets.scoring.contribution import TCSettings, true_contribution
+from tc_assets.scoring.meta_model import prediction_matrix
+from tc_assets.scoring.optimizer import (
+    OptimizerSettings,
+    PortfolioSolveError,
+    PortfolioSpec,
+    build_spec,
+    check_constraints,
+    solve_portfolio,
+)
+
+GROUP = "contribution"
+CONSTRAINT_TOL = 1e-7
+
+
+class OptimizerResource(dg.ConfigurableResource, OptimizerSettings):
+    """The meta portfolio problem, one configuration shared by `meta_portfolio`, its check and
+    `tc_scores` (see OptimizerSettings for each field and its default)."""
+
+    def settings(self) -> OptimizerSettings:
+        return OptimizerSettings(**{k: getattr(self, k) for k in OptimizerSettings.model_fields})
+
+
+class TCConfig(dg.Config, TCSettings):
+    """How TC is computed (see TCSettings for each field and its default)."""
+
+
+def round_spec(
+    universe: pd.DataFrame, round_info: dict, market: pd.Series | None, settings: OptimizerSettings
+) -> PortfolioSpec:
+    """The round's optimizer problem: medium features and, when present, adv_usd by live id."""
+    medium = universe[round_info["feature_sets"]["medium"]].to_numpy(dtype=np.float64)
+    adv = None if market is None else market.reindex(universe.index).to_numpy(dtype=np.float64)
+    return build_spec(medium, adv, settings)
+
+
+def centred_target(resolved: pd.DataFrame, ids: pd.Index, column: str) -> np.ndarray:
+    """The round's target (or return) on the live ids, centred; ids without one get 0."""
+    t = resolved[column].reindex(ids).to_numpy(dtype=np.float64)
+    t = t - np.nanmean(t)
+    return np.nan_to_num(t, nan=0.0)
+
+
+def _failure(exc: Exception, r: int) -> dg.Failure:
+    return dg.Failure(description=str(exc), metadata={"round": r}, allow_retries=False)
+
+
+@dg.asset(
+    partitions_def=rounds_partitions,
+    group_name=GROUP,
+    pool=WAREHOUSE_POOL,
+    kinds={"torch", "duckdb"},
+)
+def meta_portfolio(
+    context: dg.AssetExecutionContext,
+    optimizer: OptimizerResource,
+    meta_model: pd.Series,
+    universe: pd.DataFrame,
+    round_info: dict,
+    market: pd.Series | None,
+    resolved: pd.DataFrame,
+    warehouse: WarehouseResource,
+) -> dg.Output[pd.DataFrame]:
+    """The optimized portfolio of the round's meta model (index: id; weight, swmm), written to
+    `meta_model.weight`; its realized return R = w . t (t the centred target) in the metadata."""
+    r = round_of(context)
+    spec = round_spec(universe, round_info, market, optimizer.settings())
+    x = meta_model.reindex(universe.index).to_numpy(dtype=np.float64)
+    with timer() as t:
+        try:
+            sol = solve_portfolio(x, spec, label=str(r))
+        except PortfolioSolveError as exc:
+            raise _failure(exc, r) from exc
+    frame = pd.DataFrame({"weight": sol.weights, "swmm": x}, index=universe.index)
+    warehouse.get().update_columns(
+        "meta_model",
+        r,
+        pd.DataFrame({"id": universe.index.to_numpy(), "weight": sol.weights}),
+        on=("id",),
+        columns=("weight",),
+    )
+    target = centred_target(resolved, universe.index, "target")
+    ret = centred_target(resolved, universe.index, "return")
+    top = frame.assign(abs_weight=frame["weight"].abs()).nlargest(10, "abs_weight")
+    return dg.Output(
+        frame,
+        metadata={
+            "round": r,
+            "status": sol.status,
+            "objective": sol.objective,
+            "realized_R_target": float(sol.weights @ target),
+            "realized_R_return": float(sol.weights @ ret),
+            "iterations": sol.iterations,
+            "kkt_residual": sol.kkt_residual,
+            "active_position_caps": sol.active_caps,
+            "active_exposure_limits": sol.active_exposures,
+            "exposure_constraints": spec.n_exposures,
+            "free_positions": sol.free_positions,
+            "held_long": sol.held_long,
+            "held_short": sol.held_short,
+            "max_violation": sol.max_violation,
+            "largest_positions": markdown_table(top.reset_index()[["id", "weight", "swmm"]]),
+            "seconds": t["seconds"],
+        },
+    )
+
+
+@round_check(
+    asset=meta_portfolio,
+    blocking=True,
+    additional_ins={
+        "universe": dg.AssetIn("universe"),
+        "round_info": dg.AssetIn("round_info"),
+        "market": dg.AssetIn("market"),
+    },
+)
+def meta_portfolio_constraints(
+    optimizer: OptimizerResource,
+    meta_portfolio: pd.DataFrame,
+    universe: pd.DataFrame,
+    round_info: dict,
+    market: pd.Series | None,
+) -> dg.AssetCheckResult:
+    """The weights satisfy every constraint of the problem within 1e-7: each side sums to 1,
+    every position within its cap, every medium feature exposure within its limit."""
+    spec = round_spec(universe, round_info, market, optimizer.settings())
+    w = meta_portfolio["weight"].reindex(universe.index).to_numpy(dtype=np.float64)
+    violations = check_constraints(w, spec, tol=CONSTRAINT_TOL)
+    return dg.AssetCheckResult(
+        passed=not violations,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=(
+            "every constraint holds within 1e-7"
+            if not violations
+            else "; ".join(f"{v.constraint} off by {v.amount:.3g} at {v.index}" for v in violations)
+        ),
+        metadata={
+            "violations": len(violations),
+            "worst": max((v.amount for v in violations), default=0.0),
+            "long_sum": float(np.maximum(w, 0).sum()),
+            "short_sum": float(np.maximum(-w, 0).sum()),
+            "max_abs_exposure": float(np.abs(spec.exposures.T @ w).max())
+            if spec.n_exposures
+            else 0.0,
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=rounds_partitions,
+    group_name=GROUP,
+    pool=WAREHOUSE_POOL,
+    kinds={"torch", "duckdb"},
+)
+def tc_scores(
+    context: dg.AssetExecutionContext,
+    config: TCConfig,
+    optimizer: OptimizerResource,
+    predictions: pd.DataFrame,
+    stakes: pd.DataFrame,
+    universe: pd.DataFrame,
+    round_info: dict,
+    market: pd.Series | None,
+    resolved: pd.DataFrame,
+    warehouse: WarehouseResource,
+) -> dg.Output[pd.DataFrame]:
+    """True Contribution of every model with a valid submission, staked or not (index:
+    model_id; tc, tc_std across bags, bags): the gradient of the optimized meta portfolio's
+    return with respect to the model's stake, averaged over dropout bags."""
+    r = round_of(context)
+    settings = TCSettings(**{k: getattr(config, k) for k in TCSettings.model_fields})
+    spec = round_spec(universe, round_info, market, optimizer.settings())
+    preds = predictions.reindex(universe.index)
+    stake = stakes["stake"].reindex(preds.columns).fillna(0.0)
+    target = centred_target(resolved, universe.index, settings.target_column)
+    with timer() as t_rank:
+        p = prediction_matrix(preds.to_numpy(dtype=np.float64))
+    context.log.info(
+        f"round {r}: TC of {p.shape[1]} models over {p.shape[0]} stocks, "
+        f"{settings.bags} bags, engine {settings.engine}"
+    )
+    try:
+        result = true_contribution(p, stake.to_numpy(), target, spec, settings, label=str(r))
+    except PortfolioSolveError as exc:
+        raise _failure(exc, r) from exc
+    except ValueError as exc:
+        raise _failure(exc, r) from exc
+    scores = pd.DataFrame(
+        {"tc": result.tc, "tc_std": result.tc_std, "bags": result.bags, "engine": result.engine},
+        index=pd.Index(preds.columns, name="model_id"),
+    )
+    warehouse.get().write_round(r, {"tc_scores": scores.reset_index()})
+    unbagged = (
+        float(np.corrcoef(result.tc, result.unbagged_tc)[0, 1])
+        if result.unbagged_tc is not None and np.std(result.unbagged_tc) > 0
+        else float("nan")
+    )
+    ranked = scores.sort_values("tc", ascending=False).reset_index()
+    iterations = result.iterations if result.iterations is not None else np.array([np.nan])
+    return dg.Output(
+        scores,
+        metadata={
+            "round": r,
+            "engine": result.engine,
+            "device": result.device,
+            "models": len(scores),
+            "staked_models": int((stake > 0).sum()),
+            "bags": result.bags,
+            "skipped_bags": len(result.skipped_bags),
+            "seconds": result.seconds,
+            "rank_seconds": t_rank["seconds"],
+            "time_per_bag_s": result.time_per_bag_s,
+            "solver_iterations_mean": float(np.nanmean(iterations)),
+            "solver_iterations_max": float(np.nanmax(iterations)),
+            "kkt_max": result.kkt_max,
+            "split_half_stability": result.split_half(),
+            "corr_with_unbagged_gradient": unbagged,
+            "scale_kappa": result.scale,
+            "meta_portfolio_R": result.realized_return,
+            "top_tc": markdown_table(ranked.head(10)),
+            "bottom_tc": markdown_table(ranked.tail(10)),
+        },
+    )
+
+
+@round_check(asset=tc_scores, blocking=True)
+def tc_scores_finite(tc_scores: pd.DataFrame) -> dg.AssetCheckResult:
+    """Every model has a finite TC and tc_std."""
+    return check_finite(tc_scores, ["tc", "tc_std"])
+
+
+assets = [meta_portfolio, tc_scores]
+resources = {"optimizer": OptimizerResource()}
+asset_checks = [meta_portfolio_constraints, tc_scores_finite]
