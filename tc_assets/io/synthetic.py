@@ -308,7 +308,8 @@ def _structure(s: SyntheticSettings) -> _Structure:
     names = [f"feature_{i:0{width}d}" for i in range(n_all)]
     medium = np.sort(rng.choice(n_all, s.features, replace=False))
     extra = np.setdiff1d(np.arange(n_all), medium)
-    small = np.sort(rng.choice(medium, max(1, round(SMALL_FEATURE_SHARE * s.features)), False))
+    n_small = max(1, round(SMALL_FEATURE_SHARE * s.features))
+    small = np.sort(rng.choice(medium, n_small, replace=False))
     # Medium features load on `latent_factors` factors, extras on their own few: no signal leaks.
     k_extra = max(1, s.latent_factors // 4)
     loadings = np.zeros((s.latent_factors + k_extra, n_all))
@@ -342,9 +343,6 @@ class _Population:
     absent_pool: np.ndarray  # mixed models that may skip a round (no file, stake row kept)
     portfolio_style: dict[int, str]  # models that submit portfolios -> portfolio construction
     bad_ids: list[str]  # ids of the bad-input models, in BAD_INPUTS order
-
-    def index(self, kind: str) -> np.ndarray:
-        return np.flatnonzero(np.array(self.kinds) == kind)
 
 
 _PORTFOLIO_STYLES = ("illiquid_concentrated", "liquid_spread", "signal_weighted")
@@ -550,7 +548,8 @@ def _truth(
 def _scores(
     pop: _Population, t: _Truth, perfect_corr: float, rng: np.random.Generator
 ) -> np.ndarray:
-    """(models, stocks) latent scores: fw f + aw u (+ feature bets) + noise, unit variance."""
+    """(models, stocks) latent scores: fw f + aw u + noise (fw² + aw² + noise² = 1), plus the
+    feature bets of feature-exposed models; the perfect model mixes the target with noise."""
     fw, aw = np.nan_to_num(pop.feature_weight), np.nan_to_num(pop.alpha_weight)
     noise_w = np.sqrt(np.clip(1.0 - fw**2 - aw**2, 0.0, 1.0))
     scores = rng.standard_normal((fw.size, t.f.size))
