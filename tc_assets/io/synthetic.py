@@ -610,12 +610,15 @@ def _portfolio(score: np.ndarray, adv: np.ndarray, style: str) -> np.ndarray:
 
 # --- writing --------------------------------------------------------------------------------
 
-_CSV_OPTIONS = pacsv.WriteOptions(quoting_style="none", quoting_header="none")
+# Unquoted values; the header is written by hand (pyarrow quotes header names before 23.0).
+_CSV_OPTIONS = pacsv.WriteOptions(include_header=False, quoting_style="none")
 
 
 def _write_table(table: pa.Table, path: Path) -> None:
     if path.suffix == ".csv":
-        pacsv.write_csv(table, path, write_options=_CSV_OPTIONS)
+        with path.open("wb") as fh:
+            fh.write((",".join(table.column_names) + "\n").encode())
+            pacsv.write_csv(table, fh, write_options=_CSV_OPTIONS)
     else:
         pq.write_table(table, path)
 
