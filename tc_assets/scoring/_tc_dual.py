@@ -12,38 +12,48 @@ The dual function to minimize is
                                        + sum_i psi_i(-x_i - nu_s + (E lam)_i),
     psi_i(a) = max_{0 <= z <= u_i} (a z - gamma z^2 / 2)        (C^1, piecewise quadratic).
 
-For fixed lam the budget prices nu are found exactly (a sorted piecewise-linear root), so every
-iterate has sum(l) = sum(s) = 1 and the method works on the reduced dual G~(lam) = min_nu G. Its
-generalized Hessian is the within-side-centred Gram matrix of the free rows of E divided by gamma
-(the Schur complement of the budget rows), and its non-smooth term e'|lam| is handled orthant-wise:
-an orthant-wise semismooth Newton step on the binding limits with an Armijo line search on G~,
-a proximal-gradient step as the fallback. G~ is piecewise quadratic, so once the binding limits
-and the free positions are identified one full step lands on the solution (to rounding).
+For fixed lam the budget prices nu are found exactly (a safeguarded Newton on the piecewise
+linear budget equation, whose last step is the closed form on its piece), so every iterate has
+sum(l) = sum(s) = 1 and the method works on the reduced dual G~(lam) = min_nu G. Its gradient
+is -E'w (plus e sign(lam)); its generalized Hessian is S / gamma with S the Gram matrix of the
+free positions' rows of E, centred within each side (the Schur complement of the budget rows).
+The non-smooth e'|lam| is handled orthant-wise: Newton on the binding limits and those about to
+bind, an Armijo line search on G~ along the orthant-projected path, a proximal-gradient step as
+the fallback. G~ is piecewise quadratic, so once the binding limits and free positions are
+identified a full step lands on the solution (to rounding); convergence is declared when every
+KKT residual (exposure feasibility, multiplier signs, complementary slackness) is below kkt_tol,
+the budgets and the box holding by construction.
 
-At the solution, with F the free positions (0 < z < u) and K the binding limits (lam != 0), the
-implicit function theorem on the KKT system gives
+At the solution, with F the free positions (0 < z < u) and K the binding limits (lam != 0),
+the implicit function theorem on the KKT system gives
 
-    dz_F / dc_F = (1 / gamma) Pi,   Pi = projection onto {d : 1'd_l = 0, 1'd_s = 0, A_K' d = 0},
+    dz_F / dc_F = Pi / gamma,   Pi = projection off {1_long, 1_short, A_K}   on R^F,
 
-(c = (x, -x) the linear coefficients, A_K the binding exposure rows with the sign of each side),
-so a vector-Jacobian product costs one |K| x |K| solve per bag: `vjp`.
+with c = (x, -x) the linear coefficients and A_K the binding exposure columns (E on free longs,
+-E on free shorts). A vector-Jacobian product therefore costs one |K| x |K| solve: `vjp`.
 
-Everything is batched over rows of X (bags) and runs on any torch device in float64.
+Everything is batched over rows of x (bags): the variable-size free sets and working sets are
+padded into (bags, rows, columns) blocks, so the work is a few large tensor ops per iteration
+on any torch device, float64.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
 from tc_assets.scoring.optimizer import PortfolioSolution, PortfolioSolveError, PortfolioSpec
 
+__all__ = ["DualBatch", "DualNewtonSolver", "resolve_device"]
+
 OPTIMAL = "optimal"
 INFEASIBLE = "infeasible"
 MAX_ITERATIONS = "max_iterations"
 NOT_FINITE = "not_finite"
+
+_BLOCK_BYTES = 64 * 2**20  # memory of one padded (bags, rows, columns) block
 
 
 def resolve_device(device: str) -> torch.device:
@@ -54,64 +64,108 @@ def resolve_device(device: str) -> torch.device:
 
 
 @dataclass
-class DualBatch:
-    """Solutions for a batch of signals (rows). Tensors live on the solver's device."""
+class _State:
+    """Dual iterate of a batch and everything derived from it (tensors with a leading B)."""
 
-    x: torch.Tensor  # (B, n) signals
-    lam: torch.Tensor  # (B, k) exposure multipliers
+    lam: torch.Tensor  # (B, k)
     nu_l: torch.Tensor  # (B,)
     nu_s: torch.Tensor  # (B,)
+    a_l: torch.Tensor  # (B, n) x - nu_l - E lam: long i free iff 0 < a < gamma u
+    a_s: torch.Tensor  # (B, n)
     long: torch.Tensor  # (B, n)
     short: torch.Tensor  # (B, n)
-    a_long: torch.Tensor  # (B, n) x - nu_l - E lam: position i is free iff 0 < a < gamma u
-    a_short: torch.Tensor  # (B, n)
-    kkt: torch.Tensor  # (B,) KKT residual (max |pseudo-gradient| of the reduced dual)
-    dual_value: torch.Tensor  # (B,) G at the solution = the primal optimum
-    iterations: torch.Tensor  # (B,) Newton iterations
-    status: list[str] = field(default_factory=list)
+    grad: torch.Tensor  # (B, k) gradient of the smooth part: -E'w
+    pg: torch.Tensor  # (B, k) pseudo-gradient of G~ (0 at the solution)
+    value: torch.Tensor  # (B,) G~
+    kkt: torch.Tensor  # (B,) max |pg|
+
+    def take(self, idx: torch.Tensor) -> _State:
+        return _State(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    def put(self, idx: torch.Tensor, other: _State, rows: torch.Tensor | None = None) -> None:
+        for f in fields(self):
+            src = getattr(other, f.name)
+            getattr(self, f.name)[idx] = src if rows is None else src[rows]
+
+
+@dataclass
+class DualBatch:
+    """Solutions for a batch of signals (rows), on the solver's device."""
+
+    x: torch.Tensor  # (B, n) signals
+    state: _State
+    iterations: torch.Tensor  # (B,) Newton iterations (cpu int64)
+    status: list[str]
+
+    @property
+    def lam(self) -> torch.Tensor:
+        return self.state.lam
+
+    @property
+    def kkt(self) -> torch.Tensor:
+        return self.state.kkt
 
     @property
     def weights(self) -> torch.Tensor:
-        return self.long - self.short
+        return self.state.long - self.state.short
 
     def solution(self, i: int, spec: PortfolioSpec) -> PortfolioSolution:
         """Row i as a `PortfolioSolution` (numpy, with counts and checks)."""
         from tc_assets.scoring.optimizer import check_constraints
 
-        long = self.long[i].cpu().numpy()
-        short = self.short[i].cpu().numpy()
+        st = self.state
+        long, short = st.long[i].cpu().numpy(), st.short[i].cpu().numpy()
         w = long - short
         x = self.x[i].cpu().numpy()
         caps = spec.caps
-        objective = float(x @ w - spec.gamma / 2.0 * (long @ long + short @ short))
-        violations = check_constraints(w, spec, tol=0.0)
-        at_cap = int(np.sum((long >= caps) & (caps > 0)) + np.sum((short >= caps) & (caps > 0)))
         gu = spec.gamma * caps
-        a_l, a_s = self.a_long[i].cpu().numpy(), self.a_short[i].cpu().numpy()
-        free = int(np.sum((a_l > 0) & (a_l < gu)) + np.sum((a_s > 0) & (a_s < gu)))
-        lam = self.lam[i].cpu().numpy()
+        a_l, a_s = st.a_l[i].cpu().numpy(), st.a_s[i].cpu().numpy()
+        lam = st.lam[i].cpu().numpy()
+        violations = check_constraints(w, spec, tol=0.0)
         return PortfolioSolution(
             weights=w,
             long=long,
             short=short,
             status=self.status[i],
-            objective=objective,
+            objective=float(x @ w - spec.gamma / 2.0 * (long @ long + short @ short)),
             iterations=int(self.iterations[i]),
-            kkt_residual=float(self.kkt[i]),
-            active_caps=at_cap,
+            kkt_residual=float(st.kkt[i]),
+            active_caps=int(np.sum((a_l >= gu) & (caps > 0)) + np.sum((a_s >= gu) & (caps > 0))),
             active_exposures=int(np.count_nonzero(lam)),
-            free_positions=free,
+            free_positions=int(np.sum((a_l > 0) & (a_l < gu)) + np.sum((a_s > 0) & (a_s < gu))),
             held_long=int(np.count_nonzero(long)),
             held_short=int(np.count_nonzero(short)),
             max_violation=max((v.amount for v in violations), default=0.0),
             long_short_overlap=float(np.max(np.minimum(long, short), initial=0.0)),
             exposure_multipliers=lam,
-            budget_multipliers=(float(self.nu_l[i]), float(self.nu_s[i])),
+            budget_multipliers=(float(st.nu_l[i]), float(st.nu_s[i])),
         )
 
 
+def _pad_true(mask: torch.Tensor, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column indices of the True entries of each row, left-aligned and padded with `fill`."""
+    counts = mask.sum(dim=1)
+    width = int(counts.max()) if mask.shape[0] else 0
+    idx = torch.full((mask.shape[0], width), fill, dtype=torch.long, device=mask.device)
+    b, j = torch.nonzero(mask, as_tuple=True)
+    pos = (torch.cumsum(mask, dim=1) - 1)[b, j]
+    idx[b, pos] = j
+    valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
+    return idx, valid
+
+
+@dataclass
+class _Rows:
+    """Padded free positions of a batch: stock index, side sign (+1 long, -1 short), validity."""
+
+    stock: torch.Tensor  # (B, R) in [0, n]; n = padding (a zero row of E)
+    sign: torch.Tensor  # (B, R) float
+    valid: torch.Tensor  # (B, R) bool
+    long: torch.Tensor  # (B, R) bool: a valid long row
+
+
 class DualNewtonSolver:
-    """Solves the spec's problem for batches of signals; differentiates the solutions.
+    """Solves the spec's problem for batches of signals and differentiates the solutions.
 
     Args:
         spec: the round's problem data.
@@ -131,256 +185,251 @@ class DualNewtonSolver:
         self.spec = spec
         self.device = resolve_device(device) if isinstance(device, str) else device
         dd = {"dtype": torch.float64, "device": self.device}
+        n, k = spec.n_stocks, spec.n_exposures
+        self.n, self.k = n, k
         self.E = torch.as_tensor(spec.exposures, **dd)  # (n, k)
         self.Et = self.E.T.contiguous()  # (k, n)
-        self.e = torch.as_tensor(spec.limits, **dd)  # (k,)
-        self.u = torch.as_tensor(spec.caps, **dd)  # (n,)
+        # E with a zero row (padding stock n) and a zero column (padding limit k).
+        self.E_pad = torch.zeros((n + 1, k + 1), **dd)
+        self.E_pad[:n, :k] = self.E
+        self.e = torch.as_tensor(spec.limits, **dd)
+        self.u = torch.as_tensor(spec.caps, **dd)
         self.gamma = float(spec.gamma)
         self.gu = self.gamma * self.u
         self.kkt_tol = kkt_tol
         self.max_iter = max_iter
         self.feasible = float(spec.caps.sum()) >= 1.0 - 1e-12
         self._lipschitz: float | None = None
-        n = spec.n_stocks
-        inv = 1.0 / self.gamma
-        self._slope_steps = torch.cat([torch.full((n,), -inv, **dd), torch.full((n,), inv, **dd)])
 
-    # ---- primal recovery ------------------------------------------------------------------
+    # ---- primal recovery --------------------------------------------------------------------
 
-    def _budget_price(self, a: torch.Tensor) -> torch.Tensor:
-        """nu (B,) with sum_i clip((a_i - nu) / gamma, 0, u_i) = 1, exactly.
+    def _budget_price(self, a: torch.Tensor, guess: torch.Tensor | None) -> torch.Tensor:
+        """nu (B,) with f(nu) = sum_i clip((a_i - nu) / gamma, 0, u_i) = 1, exactly.
 
-        f(nu) is continuous, piecewise linear and non-increasing with breakpoints a - gamma u
-        (a position leaves its cap) and a (it reaches 0): sort them, walk f, interpolate on the
-        crossing segment, then recompute nu from that segment's free set in one sum.
+        f is continuous, piecewise linear, non-increasing, f = sum(u) >= 1 below min(a - gamma
+        u) and 0 above max(a). Newton's step from nu is the closed-form root of f's piece at
+        nu, (sum_free a + gamma (sum_capped u - 1)) / #free; it is kept inside a bisection
+        bracket, and stops when it no longer moves (then it is the root of its own piece).
         """
-        bp = torch.cat([a - self.gu, a], dim=1)
-        bp, order = torch.sort(bp, dim=1)
-        slope = torch.cumsum(self._slope_steps[order], dim=1)
-        steps = slope[:, :-1] * (bp[:, 1:] - bp[:, :-1])
-        f = torch.cat([torch.zeros_like(bp[:, :1]), torch.cumsum(steps, dim=1)], dim=1)
-        f = f + self.u.sum()
-        k = ((f >= 1.0).sum(dim=1) - 1).clamp(0, bp.shape[1] - 2)[:, None]
-        lo, hi = bp.gather(1, k), bp.gather(1, k + 1)
-        fk, sk = f.gather(1, k), slope.gather(1, k)
-        nu = torch.where(sk < 0, lo + (fk - 1.0) / (-sk).clamp_min(1e-300), lo)
-        # Polish: on the segment the free set is fixed and nu has a closed form.
-        free = (a > nu) & (a < nu + self.gu)
-        capped = a >= nu + self.gu
-        count = free.sum(dim=1, keepdim=True)
-        exact = (
-            (a * free).sum(1, keepdim=True)
-            + self.gamma * ((self.u * capped).sum(1, keepdim=True) - 1.0)
-        ) / count.clamp_min(1)
-        nu = torch.where(count > 0, torch.minimum(torch.maximum(exact, lo), hi), nu)
-        return nu[:, 0]
+        g, gu, u = self.gamma, self.gu, self.u
+        lo = (a - gu).amin(dim=1)
+        hi = a.amax(dim=1)
+        nu = 0.5 * (lo + hi) if guess is None else guess.clone()
+        todo = torch.ones_like(lo, dtype=torch.bool)
+        for _ in range(200):
+            d = a - nu[:, None]
+            free = (d > 0) & (d < gu)
+            cap = d >= gu
+            nfree = free.sum(dim=1)
+            ucap = (u * cap).sum(dim=1)
+            f = (d * free).sum(dim=1) / g + ucap
+            lo = torch.where(f >= 1.0, nu, lo)
+            hi = torch.where(f <= 1.0, nu, hi)
+            cand = ((a * free).sum(dim=1) + g * (ucap - 1.0)) / nfree.clamp_min(1)
+            inside = (nfree > 0) & (cand >= lo) & (cand <= hi)
+            new = torch.where(inside, cand, 0.5 * (lo + hi))
+            moved = (new - nu).abs() > 4e-16 * torch.maximum(nu.abs(), hi - lo).clamp_min(1e-300)
+            todo = todo & moved
+            nu = torch.where(todo, new, nu)
+            if not bool(todo.any()):
+                break
+        return nu
 
     def _psi(self, a: torch.Tensor) -> torch.Tensor:
-        """sum_i psi_i(a_i) per row."""
-        g = self.gamma
+        """sum_i psi_i(a_i) per row: a^2/(2 gamma) inside, a u - gamma u^2 / 2 at the cap."""
         z = torch.minimum(a.clamp_min(0.0), self.gu)
-        # a z - g z^2 / 2 with z = clip(a / g, 0, u): a^2/(2g) inside, a u - g u^2/2 at the cap.
-        return (a * z - 0.5 * z * z).sum(dim=1) / g
+        return (a * z - 0.5 * z * z).sum(dim=1) / self.gamma
 
-    def _evaluate(self, x: torch.Tensor, lam: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _evaluate(
+        self,
+        x: torch.Tensor,
+        lam: torch.Tensor,
+        nu_guess: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> _State:
+        """Exact budget prices, primal, value and pseudo-gradient at lam."""
         q = lam @ self.Et
         a_l, a_s = x - q, q - x
-        nu_l, nu_s = self._budget_price(a_l), self._budget_price(a_s)
+        nu_l = self._budget_price(a_l, None if nu_guess is None else nu_guess[0])
+        nu_s = self._budget_price(a_s, None if nu_guess is None else nu_guess[1])
         a_l = a_l - nu_l[:, None]
         a_s = a_s - nu_s[:, None]
         inv = 1.0 / self.gamma
         long = torch.minimum((a_l * inv).clamp_min(0.0), self.u)
         short = torch.minimum((a_s * inv).clamp_min(0.0), self.u)
-        r = (long - short) @ self.E
+        grad = -((long - short) @ self.E)
         value = nu_l + nu_s + lam.abs() @ self.e + self._psi(a_l) + self._psi(a_s)
-        g = -r
         e = self.e
-        pg = torch.where(
-            lam > 0,
-            g + e,
-            torch.where(
-                lam < 0,
-                g - e,
-                torch.where(g + e < 0, g + e, torch.where(g - e > 0, g - e, torch.zeros_like(g))),
-            ),
-        )
-        return {
-            "lam": lam,
-            "nu_l": nu_l,
-            "nu_s": nu_s,
-            "a_l": a_l,
-            "a_s": a_s,
-            "long": long,
-            "short": short,
-            "value": value,
-            "g": g,
-            "pg": pg,
-            "kkt": pg.abs().amax(dim=1) if pg.shape[1] else torch.zeros_like(nu_l),
-        }
+        zero = torch.zeros_like(grad)
+        at_zero = torch.where(grad + e < 0, grad + e, torch.where(grad - e > 0, grad - e, zero))
+        pg = torch.where(lam > 0, grad + e, torch.where(lam < 0, grad - e, at_zero))
+        kkt = pg.abs().amax(dim=1) if self.k else torch.zeros_like(nu_l)
+        return _State(lam, nu_l, nu_s, a_l, a_s, long, short, grad, pg, value, kkt)
 
-    # ---- Newton systems --------------------------------------------------------------------
+    # ---- padded blocks ----------------------------------------------------------------------
 
-    def _centred_rows(
-        self, a_l: torch.Tensor, a_s: torch.Tensor, cols: torch.Tensor
-    ) -> torch.Tensor:
-        """A_K: free rows of E[:, cols], centred within each side, short rows negated."""
-        gu = self.gu
-        fl = (a_l > 0) & (a_l < gu)
-        fs = (a_s > 0) & (a_s < gu)
-        parts = []
-        for mask, sign in ((fl, 1.0), (fs, -1.0)):
-            if bool(mask.any()):
-                rows = self.E[mask][:, cols]
-                parts.append(sign * (rows - rows.mean(dim=0, keepdim=True)))
-        if not parts:
-            return self.E.new_zeros((0, int(cols.numel())))
-        return torch.cat(parts, dim=0)
+    def _rows(self, a_l: torch.Tensor, a_s: torch.Tensor) -> _Rows:
+        """The free positions of each row, longs then shorts, padded."""
+        free = torch.cat([(a_l > 0) & (a_l < self.gu), (a_s > 0) & (a_s < self.gu)], dim=1)
+        idx, valid = _pad_true(free, 2 * self.n)
+        is_long = valid & (idx < self.n)
+        stock = torch.where(valid, idx % self.n if self.n else idx, self.n)
+        sign = torch.where(is_long, 1.0, -1.0).to(torch.float64)
+        return _Rows(stock=stock, sign=sign, valid=valid, long=is_long)
+
+    def _block(self, rows: _Rows, cols: torch.Tensor, wvalid: torch.Tensor) -> torch.Tensor:
+        """(B, R, W) A_K: E[free stock, working limit], centred within each side, short rows
+        negated, padding rows and columns zero."""
+        a = self.E_pad[rows.stock[:, :, None], cols[:, None, :]]
+        short = rows.valid & ~rows.long
+        for side in (rows.long, short):
+            w = side.to(a.dtype)[:, :, None]
+            mean = (a * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1.0)
+            a = a - mean * w
+        a = a * (rows.sign * rows.valid)[:, :, None]
+        return a * wvalid[:, None, :]
+
+    def _chunks(self, b: int, r: int, w: int) -> list[slice]:
+        per = max(1, _BLOCK_BYTES // max(1, 8 * r * max(w, 1)))
+        return [slice(i, min(i + per, b)) for i in range(0, b, per)]
 
     @staticmethod
     def _psd_solve(s: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-        """Solve S d = rhs for symmetric PSD S: Cholesky, else pseudo-inverse (null space 0)."""
-        n = s.shape[0]
-        if n == 0:
+        """Solve S d = rhs for a batch of symmetric PSD S (B, W, W), rhs (B, W): Cholesky,
+        else (singular) the pseudo-inverse, i.e. the minimum-norm solution."""
+        if s.shape[-1] == 0:
             return rhs.clone()
-        r2 = rhs.reshape(n, -1)
         chol, info = torch.linalg.cholesky_ex(s)
-        if int(info) == 0:
-            d = torch.cholesky_solve(r2, chol)
-            if bool(torch.isfinite(d).all()):
-                return d.reshape(rhs.shape)
-        vals, vecs = torch.linalg.eigh(s)
-        keep = vals > vals.abs().max().clamp_min(1e-300) * n * 1e-13
-        inv = torch.where(keep, 1.0 / torch.where(keep, vals, torch.ones_like(vals)), 0.0)
-        return (vecs @ (inv[:, None] * (vecs.T @ r2))).reshape(rhs.shape)
+        d = torch.cholesky_solve(rhs[:, :, None], chol)[:, :, 0]
+        bad = (info != 0) | ~torch.isfinite(d).all(dim=1)
+        if bool(bad.any()):
+            vals, vecs = torch.linalg.eigh(s[bad])
+            w = s.shape[-1]
+            cut = vals.abs().amax(dim=1, keepdim=True).clamp_min(1e-300) * w * 1e-13
+            inv = torch.where(vals > cut, 1.0 / torch.where(vals > cut, vals, 1.0), 0.0)
+            proj = torch.einsum("bij,bj->bi", vecs.transpose(1, 2), rhs[bad])
+            d[bad] = torch.einsum("bij,bj->bi", vecs, inv * proj)
+        return d
 
-    def _newton_direction(self, st: dict[str, torch.Tensor], i: int) -> torch.Tensor:
-        """Orthant-wise Newton direction for row i (zeros outside the working set)."""
-        lam, pg = st["lam"][i], st["pg"][i]
+    def _solve_block(
+        self, rows: _Rows, cols: torch.Tensor, wvalid: torch.Tensor, rhs: torch.Tensor
+    ) -> torch.Tensor:
+        """Solve (A_K' A_K / gamma) d = rhs on each row's working set (padding: d = 0)."""
+        out = torch.zeros_like(rhs)
+        b, r, w = rows.stock.shape[0], rows.stock.shape[1], cols.shape[1]
+        for sl in self._chunks(b, r, w):
+            sub = _Rows(rows.stock[sl], rows.sign[sl], rows.valid[sl], rows.long[sl])
+            a = self._block(sub, cols[sl], wvalid[sl])
+            s = a.transpose(1, 2) @ a / self.gamma
+            s = s + torch.diag_embed((~wvalid[sl]).to(s.dtype))
+            out[sl] = self._psd_solve(s, rhs[sl] * wvalid[sl])
+        return out * wvalid
+
+    def _newton_direction(self, st: _State) -> torch.Tensor:
+        """Orthant-wise Newton direction (B, k) on the binding and entering limits.
+
+        A limit at 0 enters the working set when its pseudo-gradient is non-zero; entering
+        limits whose Newton step points out of their orthant are dropped and the system
+        re-solved, so that small steps stay inside the orthant (a descent path for G~).
+        """
+        lam, pg = st.lam, st.pg
         sigma = torch.where(lam != 0, torch.sign(lam), -torch.sign(pg))
         work = sigma != 0
+        rows = self._rows(st.a_l, st.a_s)
         d = torch.zeros_like(lam)
-        for _ in range(lam.shape[0] + 1):
-            cols = torch.nonzero(work).flatten()
-            if cols.numel() == 0:
-                return d
-            a = self._centred_rows(st["a_l"][i], st["a_s"][i], cols)
-            s = a.T @ a / self.gamma
-            dk = self._psd_solve(s, -pg[cols])
-            # A limit entering the working set must move into its orthant; drop those that do
-            # not and re-solve, so that small steps stay inside the orthant (a descent path).
-            wrong = (lam[cols] == 0) & (dk * sigma[cols] <= 0)
-            if not bool(wrong.any()):
-                d[cols] = dk
-                return d
-            work[cols[wrong]] = False
+        todo = torch.arange(lam.shape[0], device=lam.device)
+        pad = torch.zeros((lam.shape[0], 1), dtype=lam.dtype, device=lam.device)
+        pg_pad, lam_pad, sig_pad = (torch.cat([v, pad], dim=1) for v in (pg, lam, sigma))
+        for _ in range(self.k + 1):
+            if todo.numel() == 0:
+                break
+            cols, wvalid = _pad_true(work[todo], self.k)
+            sub = _Rows(rows.stock[todo], rows.sign[todo], rows.valid[todo], rows.long[todo])
+            dk = self._solve_block(sub, cols, wvalid, -pg_pad[todo].gather(1, cols))
+            entering = wvalid & (lam_pad[todo].gather(1, cols) == 0)
+            wrong = entering & (dk * sig_pad[todo].gather(1, cols) <= 0)
+            redo = wrong.any(dim=1)
+            done = todo[~redo]
+            dd = torch.zeros((done.numel(), self.k + 1), dtype=d.dtype, device=d.device)
+            dd.scatter_(1, cols[~redo], dk[~redo])
+            d[done] = dd[:, : self.k]
+            for i in torch.nonzero(redo).flatten().tolist():
+                work[todo[i], cols[i][wrong[i]]] = False
+            todo = todo[redo]
         return d
 
     # ---- solve ------------------------------------------------------------------------------
 
     def _lipschitz_constant(self) -> float:
+        """2 |E|_2^2 / gamma bounds the Lipschitz constant of G~'s smooth part's gradient."""
         if self._lipschitz is None:
-            norm = (
-                torch.linalg.matrix_norm(self.E, ord=2)
-                if self.E.shape[1]
-                else self.E.new_tensor(0.0)
-            )
-            self._lipschitz = 2.0 * float(norm) ** 2 / self.gamma + 1e-300
+            norm = float(torch.linalg.matrix_norm(self.E, ord=2)) if self.k else 0.0
+            self._lipschitz = 2.0 * norm**2 / self.gamma + 1e-300
         return self._lipschitz
 
-    def solve(
-        self,
-        x: torch.Tensor,
-        lam0: torch.Tensor | None = None,
-        max_iter: int | None = None,
-    ) -> DualBatch:
-        """Solve for every row of x (B, n); lam0 (B, k) or (k,) warm start (default 0)."""
-        max_iter = self.max_iter if max_iter is None else max_iter
-        x = torch.as_tensor(x, dtype=torch.float64, device=self.device)
-        b, k = x.shape[0], self.e.shape[0]
-        lam = (
-            x.new_zeros((b, k))
-            if lam0 is None
-            else torch.as_tensor(lam0, dtype=torch.float64, device=self.device).expand(b, k).clone()
-        )
-        iterations = torch.zeros(b, dtype=torch.int64)
-        if not self.feasible:
-            st = self._evaluate(x, lam)
-            return self._batch(x, st, iterations, [INFEASIBLE] * b)
-        st = self._evaluate(x, lam)
-        active = torch.nonzero(st["kkt"] > self.kkt_tol).flatten().cpu()
-        for _ in range(max_iter):
-            if active.numel() == 0:
-                break
-            sub = {key: val[active.to(self.device)] for key, val in st.items()}
-            xa = x[active.to(self.device)]
-            d = torch.stack([self._newton_direction(sub, j) for j in range(active.numel())])
-            new = self._line_search(xa, sub, d)
-            idx = active.to(self.device)
-            for key in st:
-                st[key][idx] = new[key]
-            iterations[active] += 1
-            active = active[(new["kkt"] > self.kkt_tol).cpu()]
-        status = [OPTIMAL] * b
-        bad = ~torch.isfinite(st["kkt"]) | ~torch.isfinite(st["long"]).all(dim=1)
-        for j in range(b):
-            if bool(bad[j]):
-                status[j] = NOT_FINITE
-            elif float(st["kkt"][j]) > self.kkt_tol:
-                status[j] = MAX_ITERATIONS
-        return self._batch(x, st, iterations, status)
-
-    def _line_search(
-        self, x: torch.Tensor, st: dict[str, torch.Tensor], d: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """Armijo backtracking along the orthant-projected Newton path; prox-gradient fallback."""
-        lam, pg, value = st["lam"], st["pg"], st["value"]
-        sigma = torch.where(lam != 0, torch.sign(lam), -torch.sign(pg))
-        alpha = torch.ones_like(value)
-        result = {key: val.clone() for key, val in st.items()}
-        pending = torch.ones_like(value, dtype=torch.bool)
-        slack = 1e-12 * value.abs().clamp_min(1.0)
-        for _ in range(40):
+    def _line_search(self, x: torch.Tensor, st: _State, d: torch.Tensor) -> _State:
+        """Armijo backtracking along the orthant-projected Newton path; bags where it fails
+        take a proximal-gradient step instead (always a descent step for convex G~)."""
+        lam = st.lam
+        sigma = torch.where(lam != 0, torch.sign(lam), -torch.sign(st.pg))
+        alpha = torch.ones_like(st.value)
+        result = st.take(torch.arange(lam.shape[0], device=lam.device))
+        pending = torch.ones_like(st.value, dtype=torch.bool)
+        slack = 1e-13 * st.value.abs().clamp_min(1.0)
+        for _ in range(30):
             idx = torch.nonzero(pending).flatten()
             if idx.numel() == 0:
                 break
             trial = lam[idx] + alpha[idx, None] * d[idx]
             trial = torch.where(torch.sign(trial) * sigma[idx] < 0, 0.0, trial)
-            new = self._evaluate(x[idx], trial)
-            decrease = (pg[idx] * (trial - lam[idx])).sum(dim=1)
-            ok = new["value"] <= value[idx] + 1e-4 * decrease + slack[idx]
-            ok &= torch.isfinite(new["value"])
-            acc = idx[ok]
-            for key in result:
-                result[key][acc] = new[key][ok]
-            pending[acc] = False
+            new = self._evaluate(x[idx], trial, (st.nu_l[idx], st.nu_s[idx]))
+            decrease = (st.pg[idx] * (trial - lam[idx])).sum(dim=1)
+            ok = (new.value <= st.value[idx] + 1e-4 * decrease + slack[idx]) & torch.isfinite(
+                new.value
+            )
+            result.put(idx[ok], new, ok)
+            pending[idx[ok]] = False
             alpha[idx[~ok]] *= 0.5
         idx = torch.nonzero(pending).flatten()
-        if idx.numel():  # proximal gradient step: always a descent step for convex G~
+        if idx.numel():
             step = 1.0 / self._lipschitz_constant()
-            z = lam[idx] - step * st["g"][idx]
+            z = lam[idx] - step * st.grad[idx]
             trial = torch.sign(z) * (z.abs() - step * self.e).clamp_min(0.0)
-            new = self._evaluate(x[idx], trial)
-            for key in result:
-                result[key][idx] = new[key]
+            result.put(idx, self._evaluate(x[idx], trial, (st.nu_l[idx], st.nu_s[idx])))
         return result
 
-    def _batch(
-        self, x: torch.Tensor, st: dict[str, torch.Tensor], it: torch.Tensor, status: list[str]
+    def solve(
+        self, x: torch.Tensor, lam0: torch.Tensor | None = None, max_iter: int | None = None
     ) -> DualBatch:
-        return DualBatch(
-            x=x,
-            lam=st["lam"],
-            nu_l=st["nu_l"],
-            nu_s=st["nu_s"],
-            long=st["long"],
-            short=st["short"],
-            a_long=st["a_l"],
-            a_short=st["a_s"],
-            kkt=st["kkt"],
-            dual_value=st["value"],
-            iterations=it,
-            status=status,
-        )
+        """Solve for every row of x (B, n); lam0 (B, k) or (1, k) warm start (default 0)."""
+        max_iter = self.max_iter if max_iter is None else max_iter
+        x = torch.as_tensor(x, dtype=torch.float64, device=self.device)
+        b = x.shape[0]
+        lam = x.new_zeros((b, self.k))
+        if lam0 is not None:
+            lam = lam + torch.as_tensor(lam0, dtype=torch.float64, device=self.device)
+        iterations = torch.zeros(b, dtype=torch.int64)
+        st = self._evaluate(x, lam)
+        if not self.feasible:
+            return DualBatch(x, st, iterations, [INFEASIBLE] * b)
+        active = torch.nonzero(st.kkt > self.kkt_tol).flatten()
+        for _ in range(max_iter):
+            if active.numel() == 0:
+                break
+            sub = st.take(active)
+            new = self._line_search(x[active], sub, self._newton_direction(sub))
+            st.put(active, new)
+            iterations[active.cpu()] += 1
+            active = active[new.kkt > self.kkt_tol]
+        bad = ~(torch.isfinite(st.kkt) & torch.isfinite(st.long).all(dim=1))
+        status = [
+            NOT_FINITE
+            if bool(bad[i])
+            else MAX_ITERATIONS
+            if float(st.kkt[i]) > self.kkt_tol
+            else OPTIMAL
+            for i in range(b)
+        ]
+        return DualBatch(x, st, iterations, status)
 
     def solve_or_raise(
         self,
@@ -391,92 +440,80 @@ class DualNewtonSolver:
         bag_ids: list[int] | None = None,
     ) -> DualBatch:
         """`solve`, then a cold restart with 4x the iterations for rows that failed; raises
-        `PortfolioSolveError` naming the round, the bag (bag_ids[row], None: the meta
+        `PortfolioSolveError` naming the round (label), the bag (bag_ids[row]; None: the meta
         portfolio) and the status when a row still fails. No partial result is returned."""
         batch = self.solve(torch.as_tensor(x, dtype=torch.float64, device=self.device), lam0)
         failed = [i for i, s in enumerate(batch.status) if s != OPTIMAL]
-        if failed:
-            idx = torch.tensor(failed, device=self.device)
-            retry = self.solve(batch.x[idx], None, max_iter=4 * self.max_iter)
-            for j, i in enumerate(failed):
-                if retry.status[j] != OPTIMAL:
-                    bag = None if bag_ids is None else bag_ids[i]
-                    raise PortfolioSolveError(
-                        label, bag, retry.status[j], f"KKT residual {float(retry.kkt[j]):.3g}"
-                    )
-            for name in (
-                "lam",
-                "nu_l",
-                "nu_s",
-                "long",
-                "short",
-                "a_long",
-                "a_short",
-                "kkt",
-                "dual_value",
-            ):
-                getattr(batch, name)[idx] = getattr(retry, name)
-            batch.iterations[torch.tensor(failed)] += retry.iterations
-            for i in failed:
-                batch.status[i] = OPTIMAL
+        if not failed:
+            return batch
+        idx = torch.tensor(failed, device=self.device)
+        retry = self.solve(batch.x[idx], None, max_iter=4 * self.max_iter)
+        for j, i in enumerate(failed):
+            if retry.status[j] != OPTIMAL:
+                bag = None if bag_ids is None else bag_ids[i]
+                detail = f"KKT residual {float(retry.kkt[j]):.3g} > {self.kkt_tol:g}"
+                raise PortfolioSolveError(label, bag, retry.status[j], detail)
+        batch.state.put(idx, retry.state)
+        batch.iterations[idx.cpu()] += retry.iterations
+        for i in failed:
+            batch.status[i] = OPTIMAL
         return batch
 
     # ---- derivatives ------------------------------------------------------------------------
 
     def vjp(self, batch: DualBatch, grad_w: torch.Tensor) -> torch.Tensor:
-        """(dw*/dx)^T g for every row: g (B, n) or (n,) the gradient of a loss w.r.t. w.
+        """(dw*/dx)' g for every row: g (B, n) or (n,) the gradient of a loss w.r.t. w.
 
-        dz_F/dc_F = Pi / gamma (Pi the projection off the budget and binding-exposure rows on
-        the free positions), w = l - s and c = (x, -x), so (dw/dx)^T g = v_l - v_s with
-        v = Pi (g_F on free longs, -g_F on free shorts) / gamma.
+        With v = Pi (g on free longs, -g on free shorts) / gamma, (dw/dx)' g = v_l - v_s.
         """
-        b, n = batch.x.shape
-        g = torch.as_tensor(grad_w, dtype=torch.float64, device=self.device).expand(b, n)
-        out = torch.zeros((b, n), dtype=torch.float64, device=self.device)
-        gu = self.gu
-        for i in range(b):
-            fl = (batch.a_long[i] > 0) & (batch.a_long[i] < gu)
-            fs = (batch.a_short[i] > 0) & (batch.a_short[i] < gu)
-            gl, gs = g[i][fl], -g[i][fs]
-            rhs = torch.cat(
-                [gl - gl.mean() if gl.numel() else gl, gs - gs.mean() if gs.numel() else gs]
-            )
-            cols = torch.nonzero(batch.lam[i]).flatten()
-            if cols.numel():
-                a = self._centred_rows(batch.a_long[i], batch.a_short[i], cols)
-                mu = self._psd_solve(a.T @ a, a.T @ rhs)
-                rhs = rhs - a @ mu
-            v = rhs / self.gamma
-            nl = int(fl.sum())
-            out[i, fl] += v[:nl]
-            out[i, fs] -= v[nl:]
-        return out
+        st = batch.state
+        b = st.lam.shape[0]
+        g = torch.as_tensor(grad_w, dtype=torch.float64, device=self.device).expand(b, self.n)
+        rows = self._rows(st.a_l, st.a_s)
+        cols, wvalid = _pad_true(st.lam != 0, self.k)
+        g_pad = torch.cat([g, g.new_zeros((b, 1))], dim=1)
+        out = g.new_zeros((b, self.n + 1))
+        r, w = rows.stock.shape[1], cols.shape[1]
+        for sl in self._chunks(b, r, w):
+            sub = _Rows(rows.stock[sl], rows.sign[sl], rows.valid[sl], rows.long[sl])
+            h = g_pad[sl].gather(1, sub.stock) * sub.sign
+            for side in (sub.long, sub.valid & ~sub.long):
+                ws = side.to(h.dtype)
+                h = h - ws * (h * ws).sum(dim=1, keepdim=True) / ws.sum(1, keepdim=True).clamp_min(
+                    1
+                )
+            h = h * sub.valid
+            if w:
+                a = self._block(sub, cols[sl], wvalid[sl])
+                s = a.transpose(1, 2) @ a
+                s = s + torch.diag_embed((~wvalid[sl]).to(s.dtype))
+                mu = self._psd_solve(s, torch.einsum("brw,br->bw", a, h))
+                h = h - torch.einsum("brw,bw->br", a, mu)
+            out[sl].scatter_add_(1, sub.stock, h * sub.sign / self.gamma)
+        return out[:, : self.n]
 
     def jacobian_trace(self, batch: DualBatch, i: int = 0) -> float:
-        """tr(dw*/dx) at row i: the optimizer's total gain from signal to weights.
+        """tr(dw*/dx) at row i: the optimizer's total gain from signal to weights,
 
-        = (|F| - #non-empty free sides - rank A_K + 2 sum_{both sides free} a_l' S^+ a_s) / gamma,
-        the last term only for stocks held long and short at once (never when the split is exact).
+        (|F| - #non-empty free sides - rank A_K + 2 sum_{i long and short} a_il' S^+ a_is) / gamma,
+        the last sum only over stocks free on both sides (none when the l/s split is exact).
         """
-        gu = self.gu
-        fl = (batch.a_long[i] > 0) & (batch.a_long[i] < gu)
-        fs = (batch.a_short[i] > 0) & (batch.a_short[i] < gu)
-        nl, ns = int(fl.sum()), int(fs.sum())
+        st = batch.state.take(torch.tensor([i], device=self.device))
+        rows = self._rows(st.a_l, st.a_s)
+        nl = int(rows.long.sum())
+        ns = int((rows.valid & ~rows.long).sum())
         trace = float(nl + ns - (nl > 0) - (ns > 0))
-        cols = torch.nonzero(batch.lam[i]).flatten()
-        if cols.numel() and nl + ns:
-            a = self._centred_rows(batch.a_long[i], batch.a_short[i], cols)
+        cols, wvalid = _pad_true(st.lam != 0, self.k)
+        if cols.shape[1] and nl + ns:
+            a = self._block(rows, cols, wvalid)[0]
             s = a.T @ a
             vals = torch.linalg.eigvalsh(s)
-            rank = int((vals > vals.abs().max().clamp_min(1e-300) * s.shape[0] * 1e-13).sum())
-            trace -= rank
-            both = fl & fs
+            trace -= int((vals > vals.abs().max().clamp_min(1e-300) * s.shape[0] * 1e-13).sum())
+            stock = rows.stock[0]
+            both = torch.isin(stock[:nl], stock[nl : nl + ns])
             if bool(both.any()):
-                pos_l = torch.cumsum(fl.long(), 0)[both] - 1
-                pos_s = nl + torch.cumsum(fs.long(), 0)[both] - 1
-                al, as_ = a[pos_l], a[pos_s]
-                trace += 2.0 * float((al * self._psd_solve(s, as_.T).T).sum())
+                pos_s = nl + torch.searchsorted(stock[nl : nl + ns], stock[:nl][both])
+                al, as_ = a[:nl][both], a[pos_s]
+                sol = self._psd_solve(s.expand(as_.shape[0], -1, -1).contiguous(), as_)
+                trace += 2.0 * float((al * sol).sum())
         return max(trace, 0.0) / self.gamma
-
-
-__all__ = ["DualBatch", "DualNewtonSolver", "resolve_device"]

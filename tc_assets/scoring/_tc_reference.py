@@ -100,8 +100,8 @@ def reference_gradients(
     grads = np.zeros(masks.shape)
     returns = np.zeros(masks.shape[0])
     ones = np.ones((1, masks.shape[1]), dtype=bool)
-    # Bag -1 is the unbagged gradient (no dropout).
-    jobs = [(-1, ones, 1.0)] + [(int(b), masks[i : i + 1], keep) for i, b in enumerate(bag_ids)]
+    # Bag -1, last, is the unbagged gradient (no dropout).
+    jobs = [(int(b), masks[i : i + 1], keep) for i, b in enumerate(bag_ids)] + [(-1, ones, 1.0)]
     results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     status = ""
     for bag, mask, k in jobs:

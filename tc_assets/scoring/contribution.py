@@ -46,14 +46,16 @@ Engines (`TCSettings.engine`), all on the same masks:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from tc_assets.scoring._tc_dual import DualNewtonSolver, resolve_device
+from tc_assets.scoring._tc_dual import DualBatch, DualNewtonSolver, resolve_device
 from tc_assets.scoring.optimizer import PortfolioSolution, PortfolioSpec
 
 __all__ = ["TCResult", "TCSettings", "dropout_masks", "true_contribution"]
@@ -80,6 +82,13 @@ class TCSettings(BaseModel):
         "plain gradient).",
     )
     seed: int = Field(default=0, ge=0, description="Seed of the dropout masks.")
+    antithetic: bool = Field(
+        default=True,
+        description="With dropout 0.5, draw the bags in complementary pairs (a mask and its "
+        "complement): every bag is still a torch dropout mask and the mean estimates the same "
+        "TC, but each model is kept in exactly half the bags, which removes the largest part "
+        "of the bagging noise. False: independent bags.",
+    )
     target_column: Literal["target", "return"] = Field(
         default="target",
         description="Column of resolved.parquet whose centred values are t in R = w . t.",
@@ -118,6 +127,13 @@ class TCSettings(BaseModel):
     loo_max_models: int = Field(
         default=200, ge=1, description="Leave-one-out engine: most staked models allowed."
     )
+    cpu_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch CPU threads while the engine runs (restored afterwards); None keeps "
+        "torch's setting. 1 is fastest on a busy machine: the solver's tensors are small and "
+        "oversubscribed OpenMP threads wait on each other.",
+    )
 
 
 @dataclass(frozen=True)
@@ -126,19 +142,22 @@ class TCResult:
 
     Attributes:
         engine: the engine used.
-        tc: (models,) mean over bags of S * dR_b/ds_j / scale.
+        tc: (models,) mean over the bags of S * dR_b/ds_j / scale.
         tc_std: (models,) standard deviation of the per-bag values (ddof=1; 0 for one bag).
-        bag_tc: (bags, models) per-bag values (bags used only).
-        bags: bags used; skipped_bags: indices of bags with zero kept stake.
-        masks: (requested bags, models) the dropout masks (True: kept).
-        unbagged_tc: (models,) the same scale without dropout (the plain gradient), or None.
-        scale: kappa = target_std * jacobian_trace.
-        portfolio: the full-stake meta portfolio; realized_return: its R.
+        bag_tc: (bags, models) per-bag values (bags used only, in order).
+        bags: bags used; skipped_bags: indices of the bags with zero kept stake.
+        masks: (requested bags, models) the dropout keep masks.
+        unbagged_tc: (models,) the plain gradient at the full stakes on the same scale (no
+            dropout); None for leave-one-out.
+        scale: kappa = target_std * jacobian_trace (0 when nothing is free: then TC = 0).
+        portfolio: the full-stake meta portfolio; realized_return: its R = w . t.
         bag_returns: (bags,) R of each bag's portfolio.
-        iterations: (bags,) solver iterations per bag (fast engine), else None.
-        kkt_max: largest KKT residual over the bags' solves (fast engine), else NaN.
-        seconds: wall time of the engine; time_per_bag_s: seconds / bags.
-        device: where the fast engine ran.
+        iterations: (bags,) dual Newton iterations per bag (fast and leave-one-out engines:
+            per re-optimization), None for the reference engine.
+        kkt_max: largest KKT residual over every fast solve (NaN for the reference engine).
+        seconds: engine wall time; time_per_bag_s: seconds / max(bags, 1).
+        timings: seconds by phase ("meta_portfolio", "bags", ...).
+        device: where the solves ran.
     """
 
     engine: str
@@ -160,27 +179,51 @@ class TCResult:
     seconds: float
     time_per_bag_s: float
     device: str
+    timings: dict[str, float] = field(default_factory=dict)
 
     def split_half(self) -> float:
-        """Pearson correlation across models of the TC from the first and the second half of
-        the bags (NaN with fewer than 2 bags): the stability of the bagged estimate."""
-        h = self.bags // 2
-        if h < 1:
+        """Pearson correlation across models of the TC from two halves of the bags: the
+        stability of the bagged estimate. Halves: alternate pairs of consecutive bags (so an
+        antithetic pair stays together); NaN with fewer than 4 bags."""
+        if self.bags < 4:
             return float("nan")
-        a, b = self.bag_tc[:h].mean(axis=0), self.bag_tc[h : 2 * h].mean(axis=0)
+        half = (np.arange(self.bags) // 2) % 2 == 0
+        a, b = self.bag_tc[half].mean(axis=0), self.bag_tc[~half].mean(axis=0)
         if a.std() == 0 or b.std() == 0:
             return float("nan")
         return float(np.corrcoef(a, b)[0, 1])
 
 
-def dropout_masks(models: int, bags: int, dropout: float, seed: int) -> np.ndarray:
+def dropout_masks(
+    models: int, bags: int, dropout: float, seed: int, antithetic: bool = False
+) -> np.ndarray:
     """(bags, models) keep masks: Bernoulli(1 - dropout), as torch dropout draws them.
 
     Drawn on the CPU from torch.Generator(seed), so every engine and device gets the same bags.
+    antithetic (dropout 0.5 only): bags 2i and 2i + 1 are a mask and its complement.
     """
     gen = torch.Generator().manual_seed(seed)
-    keep = torch.full((bags, models), 1.0 - dropout, dtype=torch.float64)
-    return torch.bernoulli(keep, generator=gen).to(torch.bool).numpy()
+    pairs = antithetic and dropout == 0.5
+    draws = (bags + 1) // 2 if pairs else bags
+    keep = torch.full((draws, models), 1.0 - dropout, dtype=torch.float64)
+    masks = torch.bernoulli(keep, generator=gen).to(torch.bool).numpy()
+    if pairs:
+        masks = np.stack([masks, ~masks], axis=1).reshape(2 * draws, models)[:bags]
+    return masks
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Temporarily set torch's CPU thread count (None: leave it)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -199,13 +242,15 @@ def _validate(
     p: np.ndarray, stakes: np.ndarray, target: np.ndarray, spec: PortfolioSpec, label: str
 ) -> _Round:
     p = np.ascontiguousarray(p, dtype=np.float64)
-    s = np.asarray(stakes, dtype=np.float64)
-    t = np.asarray(target, dtype=np.float64)
+    s = np.array(stakes, dtype=np.float64)
+    t = np.array(target, dtype=np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"round {label}: P must be (stocks, models), got shape {p.shape}")
     n, m = p.shape
     if s.shape != (m,):
         raise ValueError(f"round {label}: stakes has shape {s.shape}, expected ({m},)")
     if t.shape != (n,) or spec.n_stocks != n:
-        raise ValueError(f"round {label}: target/spec do not match P's {n} stocks")
+        raise ValueError(f"round {label}: target and spec must cover P's {n} stocks")
     if not (np.all(np.isfinite(p)) and np.all(np.isfinite(t)) and np.all(np.isfinite(s))):
         raise ValueError(f"round {label}: P, stakes and target must be finite")
     if np.any(s < 0):
@@ -213,7 +258,7 @@ def _validate(
     total = float(s.sum())
     if total <= 0:
         raise ValueError(f"round {label}: TC needs at least one positive stake")
-    t = t - t.mean()
+    t -= t.mean()
     if t.std() == 0:
         raise ValueError(f"round {label}: the target is constant")
     return _Round(p=p, stakes=s, total=total, t=t, spec=spec, label=label)
@@ -243,27 +288,41 @@ def true_contribution(
         ValueError: bad inputs, or a leave-one-out round above its size guard.
     """
     settings = settings or TCSettings()
+    with _torch_threads(settings.cpu_threads):
+        return _true_contribution(p, stakes, target, spec, settings, label)
+
+
+def _true_contribution(
+    p: np.ndarray,
+    stakes: np.ndarray,
+    target: np.ndarray,
+    spec: PortfolioSpec,
+    settings: TCSettings,
+    label: str,
+) -> TCResult:
     rnd = _validate(p, stakes, target, spec, label)
     start = time.perf_counter()
-    device = resolve_device(settings.device) if settings.engine == "fast" else torch.device("cpu")
+    device = resolve_device(settings.device) if settings.engine != "reference" else None
     solver = DualNewtonSolver(
-        spec, device=device, kkt_tol=settings.kkt_tol, max_iter=settings.max_newton_iter
+        spec, device=device or "cpu", kkt_tol=settings.kkt_tol, max_iter=settings.max_newton_iter
     )
-    # The full-stake meta portfolio fixes the scale (and warm-starts the bags).
+    # The full-stake meta portfolio fixes the scale and warm-starts the bags.
     x_full = rnd.p @ (rnd.stakes / rnd.total)
     full = solver.solve_or_raise(x_full[None, :], label=label)
     portfolio = full.solution(0, spec)
     trace = solver.jacobian_trace(full, 0)
     target_std = float(rnd.t.std())
     scale = target_std * trace
-    masks = dropout_masks(rnd.p.shape[1], settings.bags, settings.dropout, settings.seed)
+    timings = {"meta_portfolio": time.perf_counter() - start}
+    masks = dropout_masks(
+        rnd.p.shape[1], settings.bags, settings.dropout, settings.seed, settings.antithetic
+    )
+    if settings.engine == "leave_one_out":
+        return _leave_one_out(rnd, settings, solver, full, portfolio, trace, scale, start)
     kept = masks @ rnd.stakes
     used = np.flatnonzero(kept > 0)
     skipped = [int(b) for b in np.flatnonzero(kept <= 0)]
-
-    if settings.engine == "leave_one_out":
-        return _leave_one_out(rnd, settings, solver, full, portfolio, trace, scale, masks, start)
-
+    bags_start = time.perf_counter()
     if settings.engine == "fast":
         raw, unbagged, returns, iterations, kkt = _fast(rnd, solver, full, masks[used], used)
     else:
@@ -273,18 +332,20 @@ def true_contribution(
             rnd.p, rnd.stakes, rnd.t, spec, masks[used], used, settings, label
         )
         iterations, kkt = None, float("nan")
-    seconds = time.perf_counter() - start
-    inv = 0.0 if scale <= 0 else 1.0 / scale
+    now = time.perf_counter()
+    timings["bags"] = now - bags_start
+    inv = 1.0 / scale if scale > 0 else 0.0
     bag_tc = raw * inv
+    m = rnd.p.shape[1]
     return TCResult(
         engine=settings.engine,
-        tc=bag_tc.mean(axis=0) if used.size else np.zeros(rnd.p.shape[1]),
-        tc_std=bag_tc.std(axis=0, ddof=1) if used.size > 1 else np.zeros(rnd.p.shape[1]),
+        tc=bag_tc.mean(axis=0) if used.size else np.zeros(m),
+        tc_std=bag_tc.std(axis=0, ddof=1) if used.size > 1 else np.zeros(m),
         bag_tc=bag_tc,
         bags=int(used.size),
         skipped_bags=skipped,
         masks=masks,
-        unbagged_tc=None if unbagged is None else unbagged * inv,
+        unbagged_tc=unbagged * inv,
         scale=scale,
         target_std=target_std,
         jacobian_trace=trace,
@@ -292,44 +353,45 @@ def true_contribution(
         realized_return=portfolio.realized_return(rnd.t),
         bag_returns=returns,
         iterations=iterations,
-        kkt_max=kkt,
-        seconds=seconds,
-        time_per_bag_s=seconds / max(int(used.size), 1),
-        device=str(device),
+        kkt_max=max(kkt, float(full.kkt.max())) if iterations is not None else float("nan"),
+        seconds=now - start,
+        time_per_bag_s=(now - start) / max(int(used.size), 1),
+        device=str(solver.device) if device is not None else "cpu",
+        timings=timings,
     )
 
 
 def _fast(
-    rnd: _Round,
-    solver: DualNewtonSolver,
-    full: object,
-    masks: np.ndarray,
-    bag_ids: np.ndarray,
+    rnd: _Round, solver: DualNewtonSolver, full: DualBatch, masks: np.ndarray, bag_ids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
-    """Per-bag raw gradients S * dR_b/ds (bags, models), the unbagged one, R per bag, iterations
-    and the worst KKT residual. Two (stocks x models) products for all bags together."""
-    dev = solver.device
-    dd = {"dtype": torch.float64, "device": dev}
+    """Per-bag raw gradients S * dR_b/ds (bags, models), the unbagged one, R per bag, Newton
+    iterations per bag and the worst KKT residual.
+
+    The bags' signals and the models' gradients are one (bags x models) @ (models x stocks)
+    product each: x_b = P (m_b * s) / sum(m_b * s), grad_bj = (P_j - x_b) . v_b.
+    """
+    dd = {"dtype": torch.float64, "device": solver.device}
     p = torch.as_tensor(rnd.p, **dd)
     t = torch.as_tensor(rnd.t, **dd)
-    s = torch.as_tensor(rnd.stakes, **dd)
+    v_full = solver.vjp(full, t)
+    unbagged = (v_full @ p - (full.x * v_full).sum(dim=1, keepdim=True))[0]
+    if masks.shape[0] == 0:
+        empty = np.zeros((0, rnd.p.shape[1]))
+        return empty, unbagged.cpu().numpy(), np.zeros(0), np.zeros(0, dtype=np.int64), 0.0
     m = torch.as_tensor(masks, **dd)
-    kept = m * s  # (B, models)
+    kept = m * torch.as_tensor(rnd.stakes, **dd)
     kept_total = kept.sum(dim=1)
-    x = (kept @ p.T) / kept_total[:, None]  # (B, stocks) = x(s_b)
+    x = (kept @ p.T) / kept_total[:, None]
     batch = solver.solve_or_raise(
         x, label=rnd.label, lam0=full.lam, bag_ids=[int(b) for b in bag_ids]
     )
-    v = solver.vjp(batch, t)  # (B, stocks) = dR_b/dx
-    grad = v @ p - (x * v).sum(dim=1, keepdim=True)  # (P_j - x_b) . v_b
+    v = solver.vjp(batch, t)  # (B, stocks): dR_b/dx
+    grad = v @ p - (x * v).sum(dim=1, keepdim=True)
     raw = m * grad * (rnd.total / kept_total)[:, None]
-    v_full = solver.vjp(full, t)
-    unbagged = v_full @ p - (full.x * v_full).sum(dim=1, keepdim=True)
-    returns = (batch.weights @ t).cpu().numpy()
     return (
         raw.cpu().numpy(),
-        unbagged[0].cpu().numpy(),
-        returns,
+        unbagged.cpu().numpy(),
+        (batch.weights @ t).cpu().numpy(),
         batch.iterations.numpy().copy(),
         float(batch.kkt.max()),
     )
@@ -339,14 +401,17 @@ def _leave_one_out(
     rnd: _Round,
     settings: TCSettings,
     solver: DualNewtonSolver,
-    full: object,
+    full: DualBatch,
     portfolio: PortfolioSolution,
     trace: float,
     scale: float,
-    masks: np.ndarray,
     start: float,
 ) -> TCResult:
-    """(R(s) - R(s without j)) / scale for each staked model; 0 for unstaked ones."""
+    """(R(s) - R(s with s_j = 0)) / scale for each staked model j, 0 for the others.
+
+    The only staked model of a round leaves no meta model behind: R without it is 0.
+    A failed re-optimization raises naming "bag" = the dropped model's column.
+    """
     staked = np.flatnonzero(rnd.stakes > 0)
     if staked.size > settings.loo_max_models:
         raise ValueError(
@@ -354,24 +419,22 @@ def _leave_one_out(
             f"> loo_max_models={settings.loo_max_models})"
         )
     r_full = portfolio.realized_return(rnd.t)
-    tc = np.zeros(rnd.p.shape[1])
+    raw = np.zeros(rnd.p.shape[1])
     rest = rnd.total - rnd.stakes[staked]
-    alone = rest <= 0  # the only staked model: without it there is no meta model, R = 0
+    alone = rest <= 0
     rows = staked[~alone]
     iterations = np.zeros(0, dtype=np.int64)
-    kkt = 0.0
+    kkt = float(full.kkt.max())
     if rows.size:
-        x_all = rnd.p @ rnd.stakes
-        x = (x_all[None, :] - rnd.p[:, rows].T * rnd.stakes[rows, None]) / rest[~alone, None]
+        x = (rnd.p @ rnd.stakes)[None, :] - rnd.p[:, rows].T * rnd.stakes[rows, None]
+        x /= rest[~alone, None]
         batch = solver.solve_or_raise(
-            x, label=rnd.label, lam0=full.lam, bag_ids=[int(j) for j in rows]
+            x, label=f"{rnd.label} (leave-one-out)", lam0=full.lam, bag_ids=rows.tolist()
         )
-        r_without = batch.weights.cpu().numpy() @ rnd.t
-        tc[rows] = r_full - r_without
-        iterations, kkt = batch.iterations.numpy().copy(), float(batch.kkt.max())
-    tc[staked[alone]] = r_full
-    if scale > 0:
-        tc /= scale
+        raw[rows] = r_full - batch.weights.cpu().numpy() @ rnd.t
+        iterations, kkt = batch.iterations.numpy().copy(), max(kkt, float(batch.kkt.max()))
+    raw[staked[alone]] = r_full
+    tc = raw / scale if scale > 0 else np.zeros_like(raw)
     seconds = time.perf_counter() - start
     return TCResult(
         engine="leave_one_out",
@@ -380,7 +443,7 @@ def _leave_one_out(
         bag_tc=tc[None, :],
         bags=0,
         skipped_bags=[],
-        masks=masks[:0],
+        masks=np.zeros((0, tc.size), dtype=bool),
         unbagged_tc=None,
         scale=scale,
         target_std=float(rnd.t.std()),
@@ -393,4 +456,5 @@ def _leave_one_out(
         seconds=seconds,
         time_per_bag_s=seconds / max(int(staked.size), 1),
         device=str(solver.device),
+        timings={"leave_one_out": seconds},
     )

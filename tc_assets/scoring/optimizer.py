@@ -57,12 +57,14 @@ class OptimizerSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     gamma: float = Field(
-        default=5.0,
+        default=50.0,
         gt=0,
-        description="Risk aversion of the quadratic term (gamma/2)(|l|^2 + |s|^2), in units of "
-        "the meta model signal per unit of weight. Larger: more, smaller positions and fewer at "
-        "their cap; smaller: a concentrated portfolio. Default 5.0: with the signal's spread on "
-        "generated data about a third of the held positions sit at their cap.",
+        description="Coefficient of the quadratic term (gamma/2)(|l|^2 + |s|^2), in signal units "
+        "per unit of weight: a position is free (moves with x) while its signal is within "
+        "gamma * cap above the side's threshold, and at its cap beyond. Default 50: with "
+        "max_position 0.01 that band is 0.5, about one standard deviation of the meta model on "
+        "generated data, so a few hundred positions are free (a smooth, stable gradient) while "
+        "the strongest signals and the illiquid names sit at their caps.",
     )
     max_position: float = Field(
         default=0.01,
