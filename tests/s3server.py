@@ -91,6 +91,7 @@ class FaultyProxy:
 
     `fail(n)`: the next n requests get 503 SlowDown (botocore retries those).
     `truncate(n)`: the next n GET responses with a body send half of it, then close.
+    `deny(text)`: every request whose path contains `text` gets 403 AccessDenied ('' lifts it).
     `requests` counts what reached the proxy.
     """
 
@@ -99,6 +100,7 @@ class FaultyProxy:
         self.requests = 0
         self._fail = 0
         self._truncate = 0
+        self._deny = ""
         self._lock = threading.Lock()
         proxy = self
 
@@ -115,15 +117,18 @@ class FaultyProxy:
                     proxy._fail -= fail
                     cut = self.command == "GET" and proxy._truncate > 0
                     proxy._truncate -= cut
+                    deny = bool(proxy._deny) and proxy._deny in self.path
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                if fail:
-                    payload = b"<Error><Code>SlowDown</Code><Message>test</Message></Error>"
-                    self.send_response(503)
+                if fail or deny:
+                    code, status = ("SlowDown", 503) if fail else ("AccessDenied", 403)
+                    payload = f"<Error><Code>{code}</Code><Message>test</Message></Error>".encode()
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload)
+                    if self.command != "HEAD":
+                        self.wfile.write(payload)
                     return
                 conn = http.client.HTTPConnection(proxy.target, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
@@ -160,6 +165,10 @@ class FaultyProxy:
     def fail(self, n: int) -> None:
         with self._lock:
             self._fail = n
+
+    def deny(self, text: str) -> None:
+        with self._lock:
+            self._deny = text
 
     def truncate(self, n: int) -> None:
         with self._lock:

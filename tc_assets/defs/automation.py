@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import dagster as dg
 from pydantic import BaseModel, Field, field_validator
@@ -123,7 +123,10 @@ class AutomationSettings(BaseModel, frozen=True):
     @field_validator("round_timezone")
     @classmethod
     def _known_timezone(cls, value: str) -> str:
-        ZoneInfo(value)  # raises on an unknown zone
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
         return value
 
     @classmethod
@@ -335,7 +338,7 @@ class RoundTargets:
         """Whether `run` (one that ingested a round) also ran every scoring asset."""
         if run.job_name != self.score_job:
             return False
-        return run.asset_selection is None or set(self.scoring) <= set(run.asset_selection)
+        return not run.asset_selection or set(self.scoring) <= set(run.asset_selection)
 
 
 def rounds_in_flight(instance: dg.DagsterInstance) -> set[str]:
@@ -639,12 +642,12 @@ def _scoring_request(
             # Ingested and scored by one full run (tc-platform run, the UI): adopt it as is.
             cursor.mark_scored(key, state)
             return None
-        if stamp != state.input_stamp:
-            reason, selection = REASON_INPUTS_CHANGED, None  # re-ingest and score everything
-        elif scored is not None and scored[0] == state.inputs:
+        if scored is not None and scored[0] == state.inputs:  # only resolved.parquet moved
             reason, selection = REASON_RESOLVED, list(targets.after_resolution)
-        else:
+        elif stamp == state.input_stamp:  # the last ingestion read today's files
             reason, selection = REASON_INGESTED, list(targets.scoring)
+        else:
+            reason, selection = REASON_INPUTS_CHANGED, None  # re-ingest and score everything
     count = cursor.mark_scored(key, state)
     return dg.RunRequest(
         partition_key=key,
