@@ -1,6 +1,8 @@
 """Classic payouts: every formula of issue 5 §1 against hand-computed small examples, and the
 multiplier elections checked at ingestion."""
 
+from dataclasses import fields
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,10 +11,14 @@ from tc_assets.io.contract import RoundInputError, validate_stakes
 from tc_assets.io.ingest import ingest_round
 from tc_assets.io.source import open_source
 from tc_assets.io.synthetic import MIN_MODELS, SyntheticSettings, generate_source
+from tc_assets.io.tables import table
+from tc_assets.scoring import portfolio_weights as pw
 from tc_assets.scoring.payouts import (
     NO_VALID_SUBMISSION,
+    PAYOUT_COLUMNS,
     PORTFOLIO_ONLY,
     PayoutRules,
+    PayoutSummary,
     classic_payouts,
     clipped_payout,
     payout_factor,
@@ -176,3 +182,22 @@ def test_a_bad_election_fails_the_rounds_ingestion(tmp_path):
     assert "line 6: tc_multiplier 2.5 is not an allowed election [0.0, 0.5, 1.0, 2.0, 3.0]" in msg
     # Without allowed sets (no payout rules) the same file is only checked for >= 0.
     assert bad_model in ingest_round(source, 1).stakes.index
+
+
+def test_warehouse_tables_carry_exactly_the_scoring_columns():
+    expected = {
+        "payouts": PAYOUT_COLUMNS,
+        "payout_summary": [f.name for f in fields(PayoutSummary)],
+        "portfolio_scores": pw.PORTFOLIO_SCORE_COLUMNS,
+        "meta_portfolio_returns": pw.META_COLUMNS,
+        "capacity_curves": pw.CAPACITY_COLUMNS,
+        "sharpe_contribution": pw.SHARPE_COLUMNS,
+    }
+    for name, columns in expected.items():
+        assert table(name).column_names == ["round", *columns], name
+    contract = (
+        "round model_id stake corr tc corr_multiplier tc_multiplier payout_factor score payout"
+    )
+    assert set(contract.split()) <= set(table("payouts").column_names)
+    contract = "round model_id pb pr mb mr transaction_cost pp scenario"
+    assert set(contract.split()) <= set(table("portfolio_scores").column_names)

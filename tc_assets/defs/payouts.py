@@ -51,8 +51,11 @@ class SharpeContributionConfig(dg.Config):
 def _submitted(wh: Warehouse, r: int) -> tuple[pd.Index, pd.Index]:
     """(prediction models, portfolio models) with a valid submission in round r."""
     sub = wh.read_round("submissions", r)
-    pick = lambda kind: pd.Index(sorted(sub.loc[sub["kind"] == kind, "model_id"]))  # noqa: E731
-    return pick("prediction"), pick("portfolio")
+    models = sub.groupby("kind")["model_id"].agg(sorted)
+    predicted, portfolios = (
+        pd.Index(models.get(kind, []), dtype=object) for kind in ("prediction", "portfolio")
+    )
+    return predicted, portfolios
 
 
 def _kv(values: dict) -> dg.MetadataValue:
