@@ -193,6 +193,7 @@ class DualNewtonSolver:
         self.E_pad = torch.zeros((n + 1, k + 1), **dd)
         self.E_pad[:n, :k] = self.E
         self.e = torch.as_tensor(spec.limits, **dd)
+        self.e_scale = max(float(spec.limits.mean()) if k else 1.0, 1e-3)
         self.u = torch.as_tensor(spec.caps, **dd)
         self.gamma = float(spec.gamma)
         self.gu = self.gamma * self.u
@@ -311,25 +312,38 @@ class DualNewtonSolver:
         return d
 
     def _solve_block(
-        self, rows: _Rows, cols: torch.Tensor, wvalid: torch.Tensor, rhs: torch.Tensor
+        self,
+        rows: _Rows,
+        cols: torch.Tensor,
+        wvalid: torch.Tensor,
+        rhs: torch.Tensor,
+        reg: torch.Tensor,
     ) -> torch.Tensor:
-        """Solve (A_K' A_K / gamma) d = rhs on each row's working set (padding: d = 0)."""
+        """Solve (A_K' A_K / gamma + mu I) d = rhs on each row's working set (padding: d = 0),
+        mu = reg * (mean diagonal of A_K' A_K / gamma, at least 1 / gamma)."""
         out = torch.zeros_like(rhs)
         b, r, w = rows.stock.shape[0], rows.stock.shape[1], cols.shape[1]
         for sl in self._chunks(b, r, w):
             sub = _Rows(rows.stock[sl], rows.sign[sl], rows.valid[sl], rows.long[sl])
             a = self._block(sub, cols[sl], wvalid[sl])
             s = a.transpose(1, 2) @ a / self.gamma
-            s = s + torch.diag_embed((~wvalid[sl]).to(s.dtype))
+            diag = torch.diagonal(s, dim1=1, dim2=2)
+            scale = diag.sum(dim=1) / wvalid[sl].sum(dim=1).clamp_min(1)
+            mu = reg[sl] * scale.clamp_min(1.0 / self.gamma)
+            s = s + torch.diag_embed(torch.where(wvalid[sl], mu[:, None], 1.0))
             out[sl] = self._psd_solve(s, rhs[sl] * wvalid[sl])
         return out * wvalid
 
-    def _newton_direction(self, st: _State) -> torch.Tensor:
-        """Orthant-wise Newton direction (B, k) on the binding and entering limits.
+    def _newton_direction(self, st: _State, regularize: bool = True) -> torch.Tensor:
+        """Orthant-wise regularized Newton direction (B, k) on the binding and entering limits.
 
         A limit at 0 enters the working set when its pseudo-gradient is non-zero; entering
         limits whose Newton step points out of their orthant are dropped and the system
         re-solved, so that small steps stay inside the orthant (a descent path for G~).
+        The Levenberg-Marquardt term mu = 1e-2 min(1, |pg| / mean(e)) * curvature keeps the
+        step finite where G~ is locally linear (few free positions: a singular Hessian) and
+        vanishes with the residual, so the final steps are Newton steps (fast local
+        convergence; the last step exact to ~1e-2 |pg|^2).
         """
         lam, pg = st.lam, st.pg
         sigma = torch.where(lam != 0, torch.sign(lam), -torch.sign(pg))
@@ -339,12 +353,13 @@ class DualNewtonSolver:
         todo = torch.arange(lam.shape[0], device=lam.device)
         pad = torch.zeros((lam.shape[0], 1), dtype=lam.dtype, device=lam.device)
         pg_pad, lam_pad, sig_pad = (torch.cat([v, pad], dim=1) for v in (pg, lam, sigma))
+        reg = 1e-2 * (st.kkt / self.e_scale).clamp(max=1.0) * float(regularize)
         for _ in range(self.k + 1):
             if todo.numel() == 0:
                 break
             cols, wvalid = _pad_true(work[todo], self.k)
             sub = _Rows(rows.stock[todo], rows.sign[todo], rows.valid[todo], rows.long[todo])
-            dk = self._solve_block(sub, cols, wvalid, -pg_pad[todo].gather(1, cols))
+            dk = self._solve_block(sub, cols, wvalid, -pg_pad[todo].gather(1, cols), reg[todo])
             entering = wvalid & (lam_pad[todo].gather(1, cols) == 0)
             wrong = entering & (dk * sig_pad[todo].gather(1, cols) <= 0)
             redo = wrong.any(dim=1)
@@ -382,10 +397,11 @@ class DualNewtonSolver:
             trial = lam[idx] + alpha[idx, None] * d[idx]
             trial = torch.where(torch.sign(trial) * sigma[idx] < 0, 0.0, trial)
             new = self._evaluate(x[idx], trial, (st.nu_l[idx], st.nu_s[idx]))
-            decrease = (st.pg[idx] * (trial - lam[idx])).sum(dim=1)
-            ok = (new.value <= st.value[idx] + 1e-4 * decrease + slack[idx]) & torch.isfinite(
-                new.value
-            )
+            step = trial - lam[idx]
+            decrease = (st.pg[idx] * step).sum(dim=1)
+            moved = (step.abs() > 1e-15 * (lam[idx].abs() + 1e-3)).any(dim=1)
+            ok = new.value <= st.value[idx] + 1e-4 * decrease + slack[idx]
+            ok &= torch.isfinite(new.value) & moved
             result.put(idx[ok], new, ok)
             pending[idx[ok]] = False
             alpha[idx[~ok]] *= 0.5
@@ -420,6 +436,18 @@ class DualNewtonSolver:
             st.put(active, new)
             iterations[active.cpu()] += 1
             active = active[new.kkt > self.kkt_tol]
+        # Polish: one unregularized Newton step on the identified active sets lands on the
+        # solution to rounding; kept where it lowers the residual.
+        done = torch.nonzero(st.kkt <= self.kkt_tol).flatten()
+        if done.numel():
+            sub = st.take(done)
+            d = self._newton_direction(sub, regularize=False)
+            sigma = torch.where(sub.lam != 0, torch.sign(sub.lam), -torch.sign(sub.pg))
+            trial = sub.lam + d
+            trial = torch.where(torch.sign(trial) * sigma < 0, 0.0, trial)
+            new = self._evaluate(x[done], trial, (sub.nu_l, sub.nu_s))
+            better = new.kkt < sub.kkt
+            st.put(done[better], new, better)
         bad = ~(torch.isfinite(st.kkt) & torch.isfinite(st.long).all(dim=1))
         status = [
             NOT_FINITE
