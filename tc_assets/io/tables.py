@@ -190,6 +190,39 @@ TABLES: dict[str, Table] = {
             "mean_marginal_return DOUBLE, corr_with_meta DOUBLE",
             "round model_id",
         ),
+        # TC proxy model (issue 8): one EBM per window of rounds, keyed by its last round.
+        _t(
+            "tc_proxy_importance",
+            "Per term of the TC proxy fitted over the window ending at `window_end`: importance "
+            "(mean |contribution| to predicted TC), monotonicity (Spearman of the shape "
+            "function against its input; NULL for pair terms), share of the total, rank, kind.",
+            "window_end INTEGER, term VARCHAR, importance DOUBLE, monotonicity DOUBLE, "
+            "share DOUBLE, rank INTEGER, kind VARCHAR",
+            "window_end term",
+            partition="window_end",
+        ),
+        _t(
+            "tc_proxy_shape",
+            "Shape function of each main term of the TC proxy: its contribution on each bin of "
+            "its input (edges, midpoint x, fitted rows in the bin).",
+            "window_end INTEGER, term VARCHAR, bin INTEGER, lower DOUBLE, upper DOUBLE, "
+            "x DOUBLE, contribution DOUBLE, weight DOUBLE",
+            "window_end term bin",
+            partition="window_end",
+        ),
+        _t(
+            "tc_proxy_fit",
+            "One row per TC proxy window: its rounds, rows, held-out R^2 (fitted on the earlier "
+            "rounds, scored on the last ones), in-sample R^2, settings (JSON), plot files.",
+            "window_end INTEGER, first_round INTEGER, rounds INTEGER, train_rounds INTEGER, "
+            "held_out_rounds INTEGER, rows INTEGER, rows_dropped INTEGER, models INTEGER, "
+            "held_out_r2 DOUBLE, held_out_corr DOUBLE, fit_r2 DOUBLE, intercept DOUBLE, "
+            "interaction_fnc_v3_center DOUBLE, interaction_dissimilarity_center DOUBLE, "
+            "top_term VARCHAR, seed INTEGER, settings VARCHAR, importance_plot VARCHAR, "
+            "shapes_plot VARCHAR",
+            "window_end",
+            partition="window_end",
+        ),
     ]
 }
 
