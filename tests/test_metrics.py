@@ -217,14 +217,16 @@ def test_transforms_equal_numerai_with_nan_and_ties() -> None:
         assert np.isnan(r[np.isnan(x[:, j]), j]).all()
 
 
-def test_top_bottom_positions_equal_stable_argsort_with_ties() -> None:
+def test_top_bottom_positions_equal_stable_argsort_with_ties_and_nan() -> None:
     rng = np.random.default_rng(2)
     values = rng.integers(0, 12, (200, 60)).astype(float)  # tie groups straddle every cut
-    keys, _, order = rank_keys(values, return_order=True)
-    for k in (1, 5, 13, 30):
-        sel = top_bottom_positions(keys, order, k)
+    values[rng.random(values.shape) < 0.1] = np.nan  # not submitted: left out
+    keys, counts, order = rank_keys(values, return_order=True)
+    for k in (1, 5, 13, 20):
+        sel = top_bottom_positions(keys, order, k, counts)
         for r in range(values.shape[0]):
-            stable = np.argsort(values[r], kind="stable")
+            valid = np.flatnonzero(~np.isnan(values[r]))
+            stable = valid[np.argsort(values[r, valid], kind="stable")]
             expected = np.concatenate([stable[:k], stable[-k:]])
             assert np.array_equal(np.sort(sel[r]), np.sort(expected)), (k, r)
 

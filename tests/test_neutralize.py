@@ -12,7 +12,7 @@ from tc_assets.scoring.neutralize import (
     FeatureSpan,
     NeutralizationSettings,
     design_matrix,
-    group_columns_by_mask,
+    group_rows_by_mask,
     neutralize,
     neutralize_matrix,
 )
@@ -136,14 +136,12 @@ def test_matrix_layouts_agree() -> None:
     assert np.nanmax(np.abs(a - b)) <= TOL
 
 
-def test_group_columns_by_mask() -> None:
-    mask = np.ones((6, 5), dtype=bool)
-    mask[[0, 2], 1] = False
-    mask[[0, 2], 3] = False
-    mask[5, 4] = False
-    groups = group_columns_by_mask(mask)
-    assert [list(c) for _, c in groups] == [[0, 2], [1, 3], [4]]
-    assert [list(r) for r, _ in groups] == [[0, 1, 2, 3, 4, 5], [1, 3, 4, 5], [0, 1, 2, 3, 4]]
+def test_group_rows_by_mask() -> None:
+    mask = np.ones((5, 6), dtype=bool)
+    mask[1, [0, 2]] = False
+    mask[3, [0, 2]] = False
+    mask[4, 5] = False
+    assert [list(g) for g in group_rows_by_mask(mask)] == [[0, 2], [1, 3], [4]]
 
 
 def test_settings_defaults_and_validation() -> None:

@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from tc_assets.scoring.neutralize import FeatureSpan, design_matrix, group_columns_by_mask
-from tc_assets.scoring.transforms import key_table, rank_keys
+from tc_assets.scoring.neutralize import _BLAS_THREADS_HELP, Neutralizer, blas_threads
+from tc_assets.scoring.transforms import keys_to_values, rank_keys
 
 TARGET_METRICS = ("corr", "mmc", "fnc_v3", "fnc_v3_tb200")
 FEATURE_METRICS = ("max_feature_exposure", "exposure_dissimilarity")
@@ -58,6 +58,7 @@ class MetricsSettings(BaseModel):
         description="Models processed per block: working memory is about 80 bytes x ids x "
         "block_models, independent of the number of models.",
     )
+    blas_threads: int | None = Field(1, ge=1, description=_BLAS_THREADS_HELP)
 
 
 # --- input checks -------------------------------------------------------------------------
@@ -122,13 +123,24 @@ def _aligned(s: pd.Series, index: pd.Index, name: str) -> np.ndarray:
 # --- vectorized pieces ------------------------------------------------------------------------
 
 
-def _pearson_rows(x: np.ndarray, yc: np.ndarray) -> np.ndarray:
-    """Pearson correlation of each row of ``x`` with the centred vector ``yc`` (NaN if constant)."""
-    xc = x - x.mean(axis=1, keepdims=True)
-    den = np.sqrt(np.einsum("ij,ij->i", xc, xc) * (yc @ yc))
+def _pearson_rows(x: np.ndarray, y: np.ndarray, covered: np.ndarray | None = None) -> np.ndarray:
+    """Pearson correlation of each row of ``x`` with ``y`` over that row's ``covered`` ids
+    (None: all); ``x`` must be 0 outside them. NaN where either side is constant."""
+    y = y - y.mean()  # the per-row means below are then small: no cancellation
+    if covered is None:
+        xc = x - x.mean(axis=1, keepdims=True)
+        num, syy = xc @ y, np.full(x.shape[0], y @ y)
+    else:
+        m = covered.astype(np.float64)
+        n = m.sum(axis=1)
+        xc = np.where(covered, x - (x.sum(axis=1) / n)[:, None], 0.0)
+        y_mean = (m @ y) / n
+        num = xc @ y - y_mean * xc.sum(axis=1)
+        syy = m @ (y * y) - n * y_mean**2
+    den = np.sqrt(np.einsum("ij,ij->i", xc, xc) * syy)
     with np.errstate(invalid="ignore", divide="ignore"):
-        r = (xc @ yc) / den
-    r[den == 0] = np.nan
+        r = num / den
+    r[~(den > 0)] = np.nan
     return np.clip(r, -1.0, 1.0)
 
 
@@ -139,36 +151,37 @@ def _pearson_pairs(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     den = np.sqrt(np.einsum("ij,ij->i", xc, xc) * np.einsum("ij,ij->i", yc, yc))
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.einsum("ij,ij->i", xc, yc) / den
-    r[den == 0] = np.nan
+    r[~(den > 0)] = np.nan
     return np.clip(r, -1.0, 1.0)
 
 
-def top_bottom_positions(keys: np.ndarray, order: np.ndarray, k: int) -> np.ndarray:
+def top_bottom_positions(
+    keys: np.ndarray, order: np.ndarray, k: int, counts: np.ndarray | None = None
+) -> np.ndarray:
     """Positions numerai's ``filter_sort_top_bottom`` keeps in each row: (rows x 2k).
 
-    numerai takes the first and last k of ``np.argsort(values, kind="stable")``. Given any
-    argsort ``order`` and the tie-group ``keys`` of ``rank_keys``, that is ``order``'s first and
-    last k, except where a tie group straddles a cut: there the stable sort keeps the group's
-    lowest positions at the bottom cut and its highest at the top cut.
+    ``keys``, ``counts``, ``order``: ``rank_keys`` output (NaN entries: key 0, sorted last).
+    numerai takes the first and last k of ``np.argsort(values, kind="stable")``. That is
+    ``order``'s first and last k non-NaN positions, except where a tie group straddles a cut:
+    there the stable sort keeps the group's lowest positions at the bottom cut and its highest
+    at the top cut.
     """
-    n = keys.shape[1]
-    if n < 2 * k:
-        raise ValueError(f"top_bottom={k} needs >= {2 * k} values per row, got {n}")
-    sel = np.concatenate([order[:, :k], order[:, n - k :]], axis=1)
-    cut = np.take_along_axis(keys, order[:, [k - 1, k, n - k - 1, n - k]], axis=1)
+    c = np.full(keys.shape[0], keys.shape[1]) if counts is None else np.asarray(counts)
+    if c.size and c.min() < 2 * k:
+        raise ValueError(f"top_bottom={k} needs >= {2 * k} values per row, got {c.min()}")
+    top = np.take_along_axis(order, (c - k)[:, None] + np.arange(k), axis=1)
+    sel = np.concatenate([order[:, :k], top], axis=1)
+    at = np.stack([np.full_like(c, k - 1), np.full_like(c, k), c - k - 1, c - k], axis=1)
+    cut = np.take_along_axis(keys, np.take_along_axis(order, at, axis=1), axis=1)
     for r in np.flatnonzero((cut[:, 0] == cut[:, 1]) | (cut[:, 2] == cut[:, 3])):
         kr = keys[r]
-        below, tied = np.flatnonzero(kr < cut[r, 0]), np.flatnonzero(kr == cut[r, 0])
+        below = np.flatnonzero((kr > 0) & (kr < cut[r, 0]))
+        tied = np.flatnonzero(kr == cut[r, 0])
         above, tied_top = np.flatnonzero(kr > cut[r, 3]), np.flatnonzero(kr == cut[r, 3])
         bottom = np.concatenate([below, tied[: k - below.size]])
-        top = np.concatenate([above, tied_top[tied_top.size - (k - above.size) :]])
-        sel[r] = np.concatenate([bottom, top])
+        top_r = np.concatenate([above, tied_top[tied_top.size - (k - above.size) :]])
+        sel[r] = np.concatenate([bottom, top_r])
     return sel
-
-
-def _gaussian_rank_vector(v: np.ndarray) -> np.ndarray:
-    keys, counts, _ = rank_keys(v[None, :])
-    return key_table(int(counts[0]), "gaussian")[keys[0]]
 
 
 # --- target metrics ---------------------------------------------------------------------------
@@ -185,7 +198,8 @@ def target_metrics(
 
     ``predictions`` (ids x models, NaN = not submitted, index sorted), ``features`` (same index,
     the medium set), ``target`` (ids with a target; NaN or absent = none), ``meta_model`` (the
-    SWMM; must cover every id with a target). Models with no id in the target get NaN.
+    SWMM; must cover every id with a target). Models with fewer than 2 ids in the target get
+    NaN; fnc_v3_tb200 is NaN for models with fewer than 2 * top_bottom.
     """
     cfg = settings or MetricsSettings()
     x = _prediction_matrix(predictions)
@@ -197,68 +211,90 @@ def target_metrics(
         raise ValueError("target has fewer than 2 ids with a value")
     if np.isnan(mm[t_ids]).any():
         raise ValueError("meta_model must have a value for every id with a target")
-
-    tt = t[t_ids]
-    tc = tt - tt.mean()  # numerai_corr centres the whole target, then raises it to 1.5
-    t_pow = np.sign(tc) * np.abs(tc) ** 1.5
-    span_t = FeatureSpan.fit(design_matrix(f[t_ids]))
-    covered = ~np.isnan(x)  # (models x ids)
-    if t_ids.size < covered.shape[1]:
-        covered = covered[:, t_ids]
-    out = np.full((x.shape[0], len(TARGET_METRICS)), np.nan)
-    for rows, cols in group_columns_by_mask(covered.T):
-        if rows.size >= 2:
-            out[cols] = _target_group(x, t_ids[rows], rows, cols, tt, t_pow, mm, span_t, cfg)
+    with blas_threads(cfg.blas_threads):
+        out = _TargetScorer(f[t_ids], t[t_ids], mm[t_ids], cfg).score(x, t_ids)
     return pd.DataFrame(
         out, index=pd.Index(predictions.columns, name="model_id"), columns=list(TARGET_METRICS)
     )
 
 
-def _target_group(
-    x: np.ndarray,
-    ids: np.ndarray,
-    rows: np.ndarray,
-    cols: np.ndarray,
-    tt: np.ndarray,
-    t_pow: np.ndarray,
-    mm: np.ndarray,
-    span_t: FeatureSpan,
-    cfg: MetricsSettings,
-) -> np.ndarray:
-    """Target metrics of models ``cols`` sharing coverage ``ids`` (= target-domain ``rows``)."""
-    n = rows.size
-    gauss, gauss_pow = key_table(n, "gaussian"), key_table(n, "gaussian_pow15")
-    span = span_t.restrict(rows)
-    tp = t_pow[rows] - t_pow[rows].mean()
-    # correlation_contribution: targets x4 when in [0, 1], centred over the model's ids;
-    # the meta model re-ranked over the model's ids.
-    t4 = tt[rows] * 4 if np.all((tt[rows] >= 0) & (tt[rows] <= 1)) else tt[rows]
-    t4 = t4 - t4.mean()
-    gm = _gaussian_rank_vector(mm[ids])
-    gm_t4, gm_gm = gm @ t4, gm @ gm
-    tb = cfg.top_bottom
-    res = np.full((cols.size, len(TARGET_METRICS)), np.nan)
-    full = n == x.shape[1]
-    for c0 in range(0, cols.size, cfg.block_models):
-        c = cols[c0 : c0 + cfg.block_models]
-        xb = x[c] if full else x[np.ix_(c, ids)]
-        keys, _, _ = rank_keys(xb)
-        constant = keys.min(axis=1) == keys.max(axis=1)  # numerai: zero std -> NaN fnc
-        g = gauss[keys]
-        r = res[c0 : c0 + c.size]
-        r[:, 0] = _pearson_rows(gauss_pow[keys], tp)
-        r[:, 1] = (g @ t4 - (g @ gm) * (gm_t4 / gm_gm)) / n
-        neutral = span.residual(g.T).T  # (block x ids), C-contiguous
+class _TargetScorer:
+    """Round-level pieces of the target metrics (over the ids with a target), then blocks."""
+
+    def __init__(self, f: np.ndarray, tt: np.ndarray, mm: np.ndarray, cfg: MetricsSettings):
+        self.cfg, self.tt, self.mm = cfg, tt, mm
+        tc = tt - tt.mean()  # numerai_corr centres the whole target, then raises it to 1.5
+        self.t_pow = np.sign(tc) * np.abs(tc) ** 1.5
+        # correlation_contribution multiplies targets in [0, 1] by 4 (checked per model).
+        self.outside01 = (tt < 0) | (tt > 1)
+        self.neutralizer = Neutralizer(f)
+        self.tables: dict[tuple[int, str], np.ndarray] = {}
+        self.gm = self._values(*rank_keys(mm[None, :])[:2], "gaussian")[0]
+
+    def _values(self, keys: np.ndarray, counts: np.ndarray, fn: str) -> np.ndarray:
+        return keys_to_values(keys, counts, fn, fill=0.0, cache=self.tables)
+
+    def score(self, x: np.ndarray, t_ids: np.ndarray) -> np.ndarray:
+        """(models x 4) metrics of the rows of ``x`` (models x all ids)."""
+        covered = ~np.isnan(x)
+        if t_ids.size < x.shape[1]:
+            covered = covered[:, t_ids]
+        counts = covered.sum(axis=1)
+        full = counts == t_ids.size
+        # Full-coverage models first: their blocks skip every per-row mask.
+        order = np.concatenate([np.flatnonzero(full), np.flatnonzero(~full & (counts >= 2))])
+        out = np.full((x.shape[0], len(TARGET_METRICS)), np.nan)
+        b = self.cfg.block_models
+        for c0 in range(0, order.size, b):
+            c = order[c0 : c0 + b]
+            xb = x[c] if t_ids.size == x.shape[1] else x[np.ix_(c, t_ids)]
+            out[c] = self._block(xb)
+        return out
+
+    def _block(self, xb: np.ndarray) -> np.ndarray:
+        """Metrics of a block of models (rows of ``xb`` over the target ids, NaN = absent)."""
+        k = self.cfg.top_bottom
+        res = np.full((xb.shape[0], len(TARGET_METRICS)), np.nan)
+        keys, n, _ = rank_keys(xb)
+        covered = None if n.min() == xb.shape[1] else keys > 0
+        g = self._values(keys, n, "gaussian")  # 0 where not covered
+        res[:, 0] = _pearson_rows(self._values(keys, n, "gaussian_pow15"), self.t_pow, covered)
+        res[:, 1] = self._mmc(g, n, covered)
+        # fnc_v3: neutralize the gaussianized ranks, then numerai_corr of the residuals.
+        neutral = self.neutralizer.residual_rows(np.where(keys > 0, g, np.nan))
         del g
-        keys, _, order = rank_keys(neutral, return_order=True)
+        keys, n2, order = rank_keys(neutral, return_order=True)
         del neutral
-        pw = gauss_pow[keys]
-        r[:, 2] = _pearson_rows(pw, tp)
-        if n >= 2 * tb:
-            sel = top_bottom_positions(keys, order, tb)
-            r[:, 3] = _pearson_pairs(np.take_along_axis(pw, sel, axis=1), tp[sel])
-        r[constant, 2:] = np.nan
-    return res
+        pw = self._values(keys, n2, "gaussian_pow15")
+        res[:, 2] = _pearson_rows(pw, self.t_pow, None if covered is None else keys > 0)
+        ok = n2 >= 2 * k  # n2 = 0 for constant predictions (NaN residuals)
+        if ok.any():
+            sel = top_bottom_positions(keys[ok], order[ok], k, n2[ok])
+            tb = _pearson_pairs(np.take_along_axis(pw[ok], sel, axis=1), self.t_pow[sel])
+            res[ok, 3] = tb
+        res[n2 == 0, 2:] = np.nan
+        return res
+
+    def _mmc(self, g: np.ndarray, n: np.ndarray, covered: np.ndarray | None) -> np.ndarray:
+        """correlation_contribution: t4c . (g - m (g.m)/(m.m)) / n with the meta model m
+        re-ranked and the target centred over each model's ids."""
+        tt = self.tt
+        if covered is None:
+            m, t_mean = self.gm, np.full(g.shape[0], tt.mean())
+            gm, mm_ = g @ m, np.full(g.shape[0], m @ m)
+            mt = np.full(g.shape[0], m @ tt - t_mean[0] * m.sum())
+            factor = np.full(g.shape[0], 1.0 if self.outside01.any() else 4.0)
+        else:
+            mkeys, mn, _ = rank_keys(np.where(covered, self.mm, np.nan))
+            m = self._values(mkeys, mn, "gaussian")
+            cov = covered.astype(np.float64)
+            t_mean = (cov @ tt) / n
+            gm, mm_ = np.einsum("ij,ij->i", g, m), np.einsum("ij,ij->i", m, m)
+            mt = m @ tt - t_mean * m.sum(axis=1)
+            factor = np.where(cov @ self.outside01 > 0, 1.0, 4.0)
+        gt = g @ tt - t_mean * g.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return factor * (gt - gm * mt / mm_) / n
 
 
 # --- feature metrics --------------------------------------------------------------------------
@@ -305,8 +341,10 @@ def feature_exposures(
     cfg = settings or MetricsSettings()
     x = _prediction_matrix(predictions)
     f = _feature_matrix(features, predictions.index)
+    with blas_threads(cfg.blas_threads):
+        e = _exposures(x, f, cfg.block_models)
     return pd.DataFrame(
-        _exposures(x, f, cfg.block_models),
+        e,
         index=pd.Index(predictions.columns, name="model_id"),
         columns=pd.Index(features.columns, name="feature"),
     )

@@ -45,7 +45,8 @@ def rank_keys(
     for i0 in range(0, m, _RANK_BLOCK_ROWS):
         block = np.ascontiguousarray(a[i0 : i0 + _RANK_BLOCK_ROWS])
         order = np.argsort(block, axis=1)
-        srt = np.take_along_axis(block, order, axis=1)
+        flat = order + (np.arange(block.shape[0]) * n)[:, None]  # flat gathers beat *_along_axis
+        srt = block.ravel().take(flat)
         nan_count = np.count_nonzero(np.isnan(srt), axis=1)  # NaN sort last
         # new[:, p]: sorted position p starts a tie group (NaN != NaN: each NaN is alone).
         new = np.ones(srt.shape, dtype=bool)
@@ -64,7 +65,7 @@ def rank_keys(
                 ksorted[r] += 1
             if nan_count[r]:
                 ksorted[r, n - nan_count[r] :] = 0
-        np.put_along_axis(keys[i0 : i0 + _RANK_BLOCK_ROWS], order, ksorted, axis=1)
+        keys[i0 : i0 + _RANK_BLOCK_ROWS].ravel()[flat] = ksorted
         counts[i0 : i0 + _RANK_BLOCK_ROWS] = n - nan_count
         if orders is not None:
             orders[i0 : i0 + _RANK_BLOCK_ROWS] = order
@@ -91,15 +92,37 @@ def key_table(count: int, fn: str = "rank") -> np.ndarray:
     return table
 
 
-def keys_to_values(keys: np.ndarray, counts: np.ndarray, fn: str = "rank") -> np.ndarray:
-    """Map ``rank_keys`` output through ``key_table`` row by row (one table per distinct count)."""
+def keys_to_values(
+    keys: np.ndarray,
+    counts: np.ndarray,
+    fn: str = "rank",
+    fill: float = np.nan,
+    cache: dict[tuple[int, str], np.ndarray] | None = None,
+) -> np.ndarray:
+    """Map ``rank_keys`` output through ``key_table`` row by row (one table per distinct count).
+
+    ``fill`` is the value of key 0 (NaN entries); ``cache`` keeps tables across calls.
+    """
+
+    def table(count: int) -> np.ndarray:
+        key = (max(count, 1), fn)
+        t = cache.get(key) if cache is not None else None
+        if t is None:
+            t = key_table(*key)
+            if cache is not None:
+                cache[key] = t
+        if not (np.isnan(fill) and np.isnan(t[0])):
+            t = t.copy()
+            t[0] = fill
+        return t
+
     uniq, inverse = np.unique(counts, return_inverse=True)
     if len(uniq) == 1:
-        return key_table(max(int(uniq[0]), 1), fn)[keys]  # fancy indexing: fastest gather
+        return table(int(uniq[0]))[keys]  # fancy indexing: the fastest gather
     out = np.empty(keys.shape, dtype=np.float64)
     for u, c in enumerate(uniq):
         rows = np.flatnonzero(inverse == u)
-        out[rows] = key_table(max(int(c), 1), fn)[keys[rows]]
+        out[rows] = table(int(c))[keys[rows]]
     return out
 
 
