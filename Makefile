@@ -8,8 +8,14 @@ TORCH := torch==2.13.0
 # Local state (demo source and warehouse, Dagster instance) lives under TC_HOME.
 TC_HOME ?= $(CURDIR)/.tc_platform
 DAGSTER_HOME ?= $(TC_HOME)/dagster_home
+# The dbt project (reporting marts). Its manifest is built here, never committed: the Dagster
+# definitions read their dbt assets from it, so demo, test and dev build it first.
+DBT_DIR := dbt_metrics
+DBT_MANIFEST := $(DBT_DIR)/target/manifest.json
+DBT_FILES := $(shell find $(DBT_DIR) \( -path $(DBT_DIR)/target -o -path $(DBT_DIR)/logs \
+	-o -path $(DBT_DIR)/dbt_packages \) -prune -o -type f \( -name '*.sql' -o -name '*.yml' \) -print)
 
-.PHONY: demo test dev install install-test lint format bench clean
+.PHONY: demo test dev install install-test dbt-manifest lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,16 +32,23 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
+## The dbt manifest (`dbt parse`, no database needed), rebuilt when a dbt file changes.
+$(DBT_MANIFEST): $(VENV)/.installed $(DBT_FILES)
+	cd $(DBT_DIR) && DBT_SEND_ANONYMOUS_USAGE_STATS=false $(abspath $(VENV))/bin/dbt parse --quiet
+	touch $@
+
+dbt-manifest: $(DBT_MANIFEST)
+
 ## Generate a few synthetic rounds, run them through Dagster, print the results.
-demo: install
+demo: install $(DBT_MANIFEST)
 	TC_HOME=$(TC_HOME) DAGSTER_HOME=$(DAGSTER_HOME) $(VENV)/bin/tc-platform demo
 
 ## Run the test suite (installs the test extras first).
-test: install-test
+test: install-test $(DBT_MANIFEST)
 	$(PY) -m pytest
 
 ## The Dagster UI (and daemon) on http://127.0.0.1:3000 over the demo's source and warehouse.
-dev: install
+dev: install $(DBT_MANIFEST)
 	mkdir -p $(DAGSTER_HOME)
 	test -f $(DAGSTER_HOME)/dagster.yaml || cp tc_assets/dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 	TC_HOME=$(TC_HOME) DAGSTER_HOME=$(DAGSTER_HOME) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
@@ -54,4 +67,4 @@ bench: install
 	$(PY) benchmarks/tc_bench.py
 
 clean:
-	rm -rf $(TC_HOME) .pytest_cache .ruff_cache
+	rm -rf $(TC_HOME) .pytest_cache .ruff_cache $(DBT_DIR)/target $(DBT_DIR)/logs

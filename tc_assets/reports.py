@@ -58,6 +58,45 @@ def leaderboard(warehouse: Warehouse, round_number: int) -> pd.DataFrame:
     )
 
 
+def _mart(warehouse: Warehouse, name: str) -> str | None:
+    """`reporting.<name>` if dbt has built that mart in the warehouse, else None."""
+    found = warehouse.query(
+        "SELECT count(*) AS n FROM information_schema.tables "
+        "WHERE table_schema = 'reporting' AND table_name = ?",
+        [name],
+    )
+    return f"reporting.{name}" if int(found["n"].iloc[0]) else None
+
+
+def mart_leaderboard(warehouse: Warehouse, round_number: int) -> pd.DataFrame | None:
+    """The round's rows of the dbt mart `round_leaderboard` by payout (None: mart not built)."""
+    mart = _mart(warehouse, "round_leaderboard")
+    if mart is None:
+        return None
+    return warehouse.query(
+        f"""
+        SELECT model_id AS model, stake, corr, mmc, fnc_v3, tc, payout, tc_rank, payout_rank
+        FROM {mart} WHERE round = ? ORDER BY payout_rank, model_id
+        """,
+        [int(round_number)],
+    )
+
+
+def model_reputation(warehouse: Warehouse, round_number: int) -> pd.DataFrame | None:
+    """The dbt mart `model_reputation` as of the round, by mean TC (None: mart not built)."""
+    mart = _mart(warehouse, "model_reputation")
+    if mart is None:
+        return None
+    return warehouse.query(
+        f"""
+        SELECT model_id AS model, window_rounds AS rounds, corr_mean, tc_mean, fnc_v3_mean,
+               payout_return_mean, tc_rounds, payout_rounds
+        FROM {mart} WHERE round = ? ORDER BY tc_rank, model_id
+        """,
+        [int(round_number)],
+    )
+
+
 def print_demo_report(warehouse_path: str, rounds: Sequence[int]) -> None:
     """Print what a newcomer should see after the demo."""
     wh = Warehouse(warehouse_path)
@@ -72,7 +111,26 @@ def print_demo_report(warehouse_path: str, rounds: Sequence[int]) -> None:
     print(f"\nRejected submissions of round {last}")
     print(rej.to_string(index=False, max_colwidth=70) if len(rej) else "(none)")
     paid = [r for r in wh.partitions("payouts") if r in set(rounds)]
-    if paid:
+    if not paid:
+        return
+    fmt = {"float_format": lambda v: f"{v:,.4f}", "index": False}
+    board = mart_leaderboard(wh, max(paid))
+    if board is None:  # the dbt reporting step has not run on this warehouse
         board = leaderboard(wh, max(paid))
         print(f"\nLeaderboard of round {max(paid)} (classic payouts, largest first)")
-        print(board.to_string(index=False, float_format=lambda v: f"{v:,.4f}"))
+        print(board.to_string(**fmt))
+        return
+    print(
+        f"\nLeaderboard of round {max(paid)} (dbt mart reporting.round_leaderboard, largest "
+        "payout first; ranks by tc and by payout)"
+    )
+    print(board.to_string(**fmt))
+    reputation = model_reputation(wh, max(paid))
+    if reputation is not None and len(reputation):
+        shown = 20
+        print(
+            f"\nModel reputation as of round {max(paid)} (dbt mart reporting.model_reputation: "
+            f"means over the last {int(reputation['rounds'].max())} resolved rounds, best mean "
+            f"tc first{f'; top {shown} of {len(reputation)}' if len(reputation) > shown else ''})"
+        )
+        print(reputation.head(shown).to_string(**fmt))

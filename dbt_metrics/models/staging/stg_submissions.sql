@@ -1,0 +1,3 @@
+-- Accepted submission files: kind is `prediction` or `portfolio`.
+select round, model_id, kind, ids_used, coverage
+from {{ source('warehouse', 'submissions') }}

@@ -1,0 +1,249 @@
+"""Reporting: the dbt project `dbt_metrics/` as Dagster assets, one `dbt build` per round.
+
+Analysts own the SQL (staging views, the marts `round_leaderboard`, `model_reputation`,
+`round_summary`, `portfolio_leaderboard`, and their tests); this module only wires it in:
+
+* the assets come from the dbt manifest, which is built, not committed (`make dbt-manifest`,
+  i.e. `dbt parse`; `dagster dev` re-parses on load). Without one, importing this module fails
+  with the command to run;
+* each dbt source declares, in `meta.dagster.asset_key`, the Python asset that writes its table,
+  so the dbt models are drawn downstream of the Python assets and run after them in the same
+  `score_round` run (skipped with them while the round awaits resolution);
+* a run of round R is `dbt build --vars '{"round": R}'`: incremental marts delete and re-insert
+  round R only, and every dbt test runs (a failing test fails the step, its result is an asset
+  check). dbt writes the file of the `warehouse` resource (passed in TC_WAREHOUSE, which
+  profiles.yml reads), inside the writers' pool, so it never meets a Python writer.
+"""
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import numpy as np
+from dagster_dbt import (
+    DagsterDbtTranslator,
+    DagsterDbtTranslatorSettings,
+    DbtCliResource,
+    DbtProject,
+    dbt_assets,
+)
+
+from tc_assets.defs.metadata import markdown_table
+from tc_assets.defs.partitions import WAREHOUSE_POOL, round_of, rounds_partitions
+from tc_assets.defs.resources import WarehouseResource
+
+GROUP = "reporting"
+DBT_PROJECT_DIR = Path(__file__).resolve().parents[2] / "dbt_metrics"
+WAREHOUSE_ENV = "TC_WAREHOUSE"  # read by dbt_metrics/profiles.yml
+MANIFEST_COMMAND = "make dbt-manifest  (or: cd dbt_metrics && dbt parse)"
+
+# What the UI shows of a mart's round: columns, and the ranking column to sort by.
+PREVIEWS: dict[str, tuple[str, str]] = {
+    "round_leaderboard": ("model_id, stake, corr, mmc, fnc_v3, tc, payout, tc_rank", "payout_rank"),
+    "model_reputation": (
+        "model_id, window_rounds, corr_mean, tc_mean, fnc_v3_mean, payout_return_mean, tc_rounds",
+        "tc_rank",
+    ),
+    "portfolio_leaderboard": (
+        "model_id, stake, pp, scenario, marginal_return, payout, sharpe_contribution",
+        "pp_rank",
+    ),
+}
+
+
+class ReportingSetupError(RuntimeError):
+    """The dbt project cannot be turned into assets (no manifest, a source without a key)."""
+
+
+class ReportingTranslator(DagsterDbtTranslator):
+    """dbt sources keyed as the Python assets that write their tables; models keyed
+    `<schema>/<name>` (e.g. `reporting/round_leaderboard`, `staging/stg_payouts`), all in the
+    `reporting` group. Several sources may name one asset (payouts and payout_summary are both
+    written by `payouts`)."""
+
+    def __init__(self) -> None:
+        super().__init__(DagsterDbtTranslatorSettings(enable_duplicate_source_asset_keys=True))
+
+    def get_asset_key(self, dbt_resource_props: Mapping[str, Any]) -> dg.AssetKey:
+        if dbt_resource_props["resource_type"] == "source":
+            meta = dbt_resource_props.get("config", {}).get("meta") or {}
+            if not meta.get("dagster", {}).get("asset_key"):
+                raise ReportingSetupError(
+                    f"dbt source {dbt_resource_props['source_name']}."
+                    f"{dbt_resource_props['name']} has no `meta: {{dagster: {{asset_key: [...]}}}}`"
+                    " naming the Python asset that writes it (dbt_metrics/models/sources.yml)"
+                )
+        return super().get_asset_key(dbt_resource_props)
+
+    def get_group_name(self, dbt_resource_props: Mapping[str, Any]) -> str | None:
+        return GROUP
+
+
+def _newest_source_mtime(project_dir: Path) -> float:
+    """Latest modification time of the project's own files (not target/ or logs/)."""
+    skip = {project_dir / "target", project_dir / "logs", project_dir / "dbt_packages"}
+    times = [
+        p.stat().st_mtime
+        for p in project_dir.rglob("*")
+        if p.suffix in {".sql", ".yml", ".yaml"} and not any(d in p.parents for d in skip)
+    ]
+    return max(times, default=0.0)
+
+
+def load_manifest(project: DbtProject) -> Path:
+    """The project's manifest.json: a clear error when missing, a warning when older than the
+    project's files (models edited since the last `dbt parse`)."""
+    path = project.manifest_path
+    if not path.exists():
+        raise ReportingSetupError(
+            f"dbt manifest {path} not found. It is built from the dbt project, not committed: "
+            f"run `{MANIFEST_COMMAND}` (make demo, make test and make dev do it)."
+        )
+    if path.stat().st_mtime < _newest_source_mtime(project.project_dir):
+        warnings.warn(
+            f"dbt manifest {path} is older than the dbt project's files; run "
+            f"`{MANIFEST_COMMAND}` to pick up the changes",
+            stacklevel=2,
+        )
+    return path
+
+
+def dbt_executable() -> str:
+    """The dbt installed beside this interpreter (the venv's, activated or not), else PATH's."""
+    local = Path(sys.executable).parent / "dbt"
+    return str(local) if local.exists() else "dbt"
+
+
+dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
+dbt_cli = DbtCliResource(project_dir=dbt_project, dbt_executable=dbt_executable())
+if os.environ.get("DAGSTER_IS_DEV_CLI"):
+    # `dagster dev` (DbtProject.prepare_if_dev, with our dbt): re-parse on each code reload so
+    # edited models show without a rebuild.
+    dbt_cli.cli(["parse", "--quiet"], target_path=dbt_project.target_path).wait()
+
+
+@contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the block (a subprocess started in it inherits them)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _relation(node: Mapping[str, Any]) -> str:
+    """`schema.alias` of a dbt model: resolved in the connected file whatever its name."""
+    return f'"{node["schema"]}"."{node["alias"]}"'
+
+
+def _scalars(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The finite numbers and booleans of a row as metadata values (the rest left out)."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, bool | np.bool_):
+            out[k] = dg.MetadataValue.bool(bool(v))
+        elif isinstance(v, int | np.integer):
+            out[k] = dg.MetadataValue.int(int(v))
+        elif isinstance(v, float | np.floating) and np.isfinite(v):
+            out[k] = dg.MetadataValue.float(float(v))
+    return out
+
+
+def _round_metadata(
+    warehouse: WarehouseResource, r: int, nodes: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per dbt unique_id: the model's rows of round r and, for the marts, their top rows."""
+    if not nodes:
+        return {}
+    counts_sql = " union all ".join(
+        f"select '{uid}' as uid, count(*) as n from {_relation(n)} where round = {r}"
+        for uid, n in nodes.items()
+    )
+    wh = warehouse.get()
+    counts = wh.query(counts_sql).set_index("uid")["n"]
+    out: dict[str, dict[str, Any]] = {}
+    for uid, node in nodes.items():
+        out[uid] = {"round": r, "round_rows": int(counts.get(uid, 0))}
+        name = node["name"]
+        if name in PREVIEWS:
+            cols, rank = PREVIEWS[name]
+            top = wh.query(
+                f"select {cols} from {_relation(node)} where round = {r} "
+                f"order by {rank}, model_id limit 10"
+            )
+            out[uid]["top"] = markdown_table(top, max_rows=10)
+        elif name == "round_summary":
+            # One number per field, so the UI plots each across rounds.
+            row = wh.query(f"select * from {_relation(node)} where round = {r}")
+            if len(row):
+                out[uid].update(_scalars(row.iloc[0].to_dict()))
+    return out
+
+
+def _unique_id(event: Any) -> str | None:
+    """The dbt unique_id of a model's Output event, None for any other event."""
+    if isinstance(event, dg.Output) and "unique_id" in event.metadata:
+        return str(event.metadata["unique_id"].value)
+    return None
+
+
+@dbt_assets(
+    manifest=load_manifest(dbt_project),
+    project=dbt_project,
+    dagster_dbt_translator=ReportingTranslator(),
+    partitions_def=rounds_partitions,
+    pool=WAREHOUSE_POOL,
+    name="dbt_metrics",
+)
+def dbt_metrics(
+    context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource
+) -> Iterator[Any]:
+    """`dbt build` of the selected models and their tests for the round (`--vars round`).
+
+    Events are collected while dbt runs and yielded when it exits: the warehouse file is dbt's
+    until then, and each model's materialization carries its rows of the round (and the top of
+    each mart), read afterwards.
+    """
+    r = round_of(context)
+    path = str(Path(warehouse.path).expanduser().resolve())
+    # This invocation's artifacts (run_results.json, dbt.log): kept only if the build fails.
+    target = Path(tempfile.mkdtemp(prefix=f"dbt_metrics_round_{r}_"))
+    with _environment({WAREHOUSE_ENV: path}):
+        invocation = dbt.cli(
+            ["build", "--vars", json.dumps({"round": r})],
+            context=context,
+            raise_on_error=False,
+            target_path=target,
+        )
+    events = list(invocation.stream())
+    error = invocation.get_error()
+    built = {
+        uid: invocation.manifest["nodes"][uid]
+        for uid in (_unique_id(e) for e in events)
+        if uid is not None
+    }
+    extra = _round_metadata(warehouse, r, built)
+    for event in events:
+        uid = _unique_id(event)
+        yield event.with_metadata({**event.metadata, **extra[uid]}) if uid in extra else event
+    if error is not None:
+        raise error
+    shutil.rmtree(target, ignore_errors=True)
+
+
+assets = [dbt_metrics]
+resources = {"dbt": dbt_cli}
