@@ -221,7 +221,7 @@ def validate_stakes(
             v = numeric[col].iloc[i]
             if not np.isfinite(v) or v < 0:
                 row_problems.append(f"{col} {df[col].iloc[i]!r} is not a finite number >= 0")
-            elif allowed[col] is not None and not any(np.isclose(v, a) for a in allowed[col]):
+            elif allowed[col] is not None and not any(abs(v - a) <= 1e-12 for a in allowed[col]):
                 row_problems.append(
                     f"{col} {v:g} is not an allowed election {sorted(allowed[col])}"
                 )
