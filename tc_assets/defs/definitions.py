@@ -15,12 +15,12 @@ from types import ModuleType
 
 import dagster as dg
 
-from tc_assets.defs import checks, contribution, ingest, metrics, payouts, proxy
+from tc_assets.defs import checks, contribution, ingest, metrics, payouts, proxy, reporting
 from tc_assets.defs.automation import AutomationSettings, build_automation
 from tc_assets.defs.partitions import rounds_partitions
 from tc_assets.defs.resources import RoundSourceResource, WarehouseResource
 
-AREAS: list[ModuleType] = [ingest, checks, metrics, contribution, payouts, proxy]
+AREAS: list[ModuleType] = [ingest, checks, metrics, contribution, payouts, proxy, reporting]
 
 SCORE_ROUND_JOB = "score_round"
 INGEST_ROUND_JOB = "ingest_round"
