@@ -288,6 +288,13 @@ def test_changes_sensor_scores_exactly_the_rounds_that_changed(local_source, ins
             result = a.changed_rounds(context, rs, t, delay, now=now)
         assert [r.partition_key for r in result.run_requests] == due
 
+    # A tick hashes changed files within its budget (one round at least); the rest wait.
+    with dg.build_sensor_context(instance=instance) as context:
+        budget = a.AutomationSettings(hash_budget_s=1e-9)
+        partial = a.changed_rounds(context, rs, t, budget)
+    assert [r.partition_key for r in partial.run_requests] == ["1"]
+    assert list(a.ChangesCursor.loads(partial.cursor).seen) == ["1"]  # round 2: next tick
+
     first = p.sensor("round_changes_sensor")
     assert summary(first) == [("1", a.REASON_INGESTED), ("2", a.REASON_INGESTED)]
     assert all(r.asset_selection == list(t.scoring) for r in first.run_requests)

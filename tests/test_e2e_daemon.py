@@ -188,6 +188,21 @@ class Dagster:
         state = data["sensorOrError"].get("sensorState") or {}
         return state.get("ticks") or [] if state.get("status") == "RUNNING" else []
 
+    def schedule_status(self, name: str) -> str:
+        data = self.query(
+            """query Schedule($selector: ScheduleSelector!) {
+                 scheduleOrError(scheduleSelector: $selector) {
+                   ... on Schedule { cronSchedule scheduleState { status } } } }""",
+            {
+                "selector": {
+                    "repositoryLocationName": LOCATION,
+                    "repositoryName": "__repository__",
+                    "scheduleName": name,
+                }
+            },
+        )
+        return data["scheduleOrError"]["scheduleState"]["status"]
+
     def stop(self) -> dict[str, int]:
         """SIGTERM both, wait; return their exit codes. Raises if anything is left behind."""
         below = set().union(*(descendants(p.pid) for p in self.procs.values()))
@@ -289,6 +304,7 @@ def test_daemon_ingests_and_scores_rounds_from_s3(dagster, tmp_path):
 
     # The sensors run without anyone switching them on.
     d.wait("the new-round sensor to tick", lambda: d.sensor_ticks("new_round_sensor"), 420)
+    assert d.schedule_status("round_close_schedule") == "RUNNING"
     assert d.partitions() == []
 
     # 1. Two new rounds at once: partitions, then ingestion and scoring of each.

@@ -581,7 +581,7 @@ def changed_rounds(
     busy = rounds_in_flight(instance)
     requests: list[dg.RunRequest] = []
     notes: list[str] = []
-    deferred = 0
+    deferred = hashed = 0
     for key in sorted(instance.get_dynamic_partitions(ROUNDS_PARTITIONS_NAME), key=int):
         if key in busy:
             continue
@@ -589,11 +589,11 @@ def changed_rounds(
         previous = cursor.seen.get(key)
         try:
             stamps = round_stamps(source, r)
-            if time.monotonic() > deadline and not RoundState.is_cached(
-                previous, source, r, stamps
-            ):
-                deferred += 1
-                continue
+            if not RoundState.is_cached(previous, source, r, stamps):
+                if hashed and time.monotonic() > deadline:  # at least one round per tick
+                    deferred += 1
+                    continue
+                hashed += 1
             state = RoundState.observe(source, r, stamps, previous)
         except SourceError as exc:
             notes.append(f"round {r}: {exc}")
@@ -607,6 +607,7 @@ def changed_rounds(
             requests.append(request)
     if deferred:
         notes.append(f"{deferred} rounds left to hash on the next tick")
+        context.log.info(notes[-1])
     for req in requests:
         context.log.info(
             f"round {req.partition_key}: {req.tags[TAG_REASON]} -> "
