@@ -206,19 +206,13 @@ def round_stamps(source: RoundSource, round_number: int) -> dict[str, str]:
             stamps[c.FEATURES_FILE] = source.fingerprint(c.FEATURES_FILE)
     elif isinstance(source, LocalRoundSource):
         stamps = _local_stamps(source, base)
-    else:  # any other source: its content fingerprint is the stamp
-        stamps = {}
-        for rel in [c.FEATURES_FILE, *(f"{base}/{n}" for n in source.list_names(base))]:
-            if source.exists(rel):
-                stamps[rel] = source.fingerprint(rel)
-            else:
-                for sub in source.list_names(rel):
-                    stamps[f"{rel}/{sub}"] = source.fingerprint(f"{rel}/{sub}")
+    else:
+        raise TypeError(f"no change stamps for a {type(source).__name__}")
     return {rel: s for rel, s in stamps.items() if _is_round_input(rel, base)}
 
 
 def _content_hashes(source: RoundSource, stamps: Mapping[str, str]) -> dict[str, str]:
-    """Content hash by path: the stamp itself where it is one, else the file's sha256."""
+    """Content hash by path: the ETag on S3 (the stamp itself), a file's sha256 locally."""
     if not isinstance(source, LocalRoundSource):
         return dict(stamps)
     return {rel: source.fingerprint(rel) for rel in stamps}
@@ -248,7 +242,9 @@ class RoundState:
         return self.inputs, self.resolved
 
     @staticmethod
-    def split(source: RoundSource, round_number: int, stamps: Mapping[str, str]):
+    def split(
+        source: RoundSource, round_number: int, stamps: Mapping[str, str]
+    ) -> tuple[dict[str, str], str, str | None]:
         """(stamps of the inputs but resolved.parquet, path of resolved, its stamp or None)."""
         resolved_rel = source.round_path(round_number, c.RESOLVED_FILE)
         inputs = {rel: s for rel, s in stamps.items() if rel != resolved_rel}
@@ -379,7 +375,7 @@ def round_problem(source: RoundSource, round_number: int) -> str | None:
             if not source.exists(source.round_path(round_number, name))
         ]
         if not source.exists(c.FEATURES_FILE):
-            missing.append(f"../../{c.FEATURES_FILE}")
+            missing.append(f"{c.FEATURES_FILE} at the source's root")
     except SourceError as exc:
         return f"unreadable: {exc}"
     except c.RoundInputError as exc:
@@ -414,18 +410,17 @@ def new_rounds(
             problems.append(f"rounds/{r}: {problem}")
             context.log.warning(f"{source.uri}/rounds/{r} skipped for now, {problem}")
             continue
-        known.add(r)
         key = str(r)
+        try:
+            stamp = input_stamp(source, r)
+        except SourceError as exc:
+            problems.append(f"rounds/{r}: unreadable: {exc}")
+            continue
+        known.add(r)
         if key not in partitions:
             added.append(key)
         if key in ingested:  # e.g. by `tc-platform run` before the sensor ran: nothing to do
             adopted.append(r)
-            continue
-        try:
-            stamp = input_stamp(source, r)
-        except SourceError as exc:
-            known.discard(r)
-            problems.append(f"rounds/{r}: unreadable: {exc}")
             continue
         requests.append(
             dg.RunRequest(
