@@ -12,17 +12,19 @@ The dual function to minimize is
                                        + sum_i psi_i(-x_i - nu_s + (E lam)_i),
     psi_i(a) = max_{0 <= z <= u_i} (a z - gamma z^2 / 2)        (C^1, piecewise quadratic).
 
-For fixed lam the budget prices nu are found exactly (a safeguarded Newton on the piecewise
-linear budget equation, whose last step is the closed form on its piece), so every iterate has
+For fixed lam the budget prices nu are found exactly (the piecewise linear budget equation is
+solved on its sorted breakpoints, or by closed-form Newton steps from a warm guess), so every iterate has
 sum(l) = sum(s) = 1 and the method works on the reduced dual G~(lam) = min_nu G. Its gradient
 is -E'w (plus e sign(lam)); its generalized Hessian is S / gamma with S the Gram matrix of the
 free positions' rows of E, centred within each side (the Schur complement of the budget rows).
-The non-smooth e'|lam| is handled orthant-wise: Newton on the binding limits and those about to
-bind, an Armijo line search on G~ along the orthant-projected path, a proximal-gradient step as
-the fallback. G~ is piecewise quadratic, so once the binding limits and free positions are
-identified a full step lands on the solution (to rounding); convergence is declared when every
-KKT residual (exposure feasibility, multiplier signs, complementary slackness) is below kkt_tol,
-the budgets and the box holding by construction.
+The non-smooth e'|lam| is handled orthant-wise: a Newton step on the binding limits and those
+about to bind, Levenberg-Marquardt regularized in proportion to the residual (G~ is locally
+linear where few positions are free), an Armijo line search on G~ along the orthant-projected
+path, a proximal-gradient step as the fallback. G~ is piecewise quadratic, so once the binding
+limits and free positions are identified a step lands on the solution; a last unregularized
+step polishes it to rounding. Convergence: every KKT residual (budgets, exposure feasibility,
+multiplier signs, complementary slackness) below kkt_tol; box and stationarity hold by
+construction. Typical cost on generated rounds: 4-7 iterations from a warm start.
 
 At the solution, with F the free positions (0 < z < u) and K the binding limits (lam != 0),
 the implicit function theorem on the KKT system gives
@@ -44,7 +46,12 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from tc_assets.scoring.optimizer import PortfolioSolution, PortfolioSolveError, PortfolioSpec
+from tc_assets.scoring.optimizer import (
+    PortfolioSolution,
+    PortfolioSolveError,
+    PortfolioSpec,
+    check_constraints,
+)
 
 __all__ = ["DualBatch", "DualNewtonSolver", "resolve_device"]
 
@@ -77,7 +84,7 @@ class _State:
     grad: torch.Tensor  # (B, k) gradient of the smooth part: -E'w
     pg: torch.Tensor  # (B, k) pseudo-gradient of G~ (0 at the solution)
     value: torch.Tensor  # (B,) G~
-    kkt: torch.Tensor  # (B,) max |pg|
+    kkt: torch.Tensor  # (B,) max(|pg|, budget errors)
 
     def take(self, idx: torch.Tensor) -> _State:
         return _State(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
@@ -111,8 +118,6 @@ class DualBatch:
 
     def solution(self, i: int, spec: PortfolioSpec) -> PortfolioSolution:
         """Row i as a `PortfolioSolution` (numpy, with counts and checks)."""
-        from tc_assets.scoring.optimizer import check_constraints
-
         st = self.state
         long, short = st.long[i].cpu().numpy(), st.short[i].cpu().numpy()
         w = long - short
@@ -207,34 +212,56 @@ class DualNewtonSolver:
     def _budget_price(self, a: torch.Tensor, guess: torch.Tensor | None) -> torch.Tensor:
         """nu (B,) with f(nu) = sum_i clip((a_i - nu) / gamma, 0, u_i) = 1, exactly.
 
-        f is continuous, piecewise linear, non-increasing, f = sum(u) >= 1 below min(a - gamma
-        u) and 0 above max(a). Newton's step from nu is the closed-form root of f's piece at
-        nu, (sum_free a + gamma (sum_capped u - 1)) / #free; it is kept inside a bisection
-        bracket, and stops when it no longer moves (then it is the root of its own piece).
+        f is continuous, piecewise linear and non-increasing. From a warm guess, up to three
+        Newton steps (each the closed-form root of f's piece at the current nu) usually land
+        on the root; rows that do not are solved by walking f's sorted breakpoints.
         """
-        g, gu, u = self.gamma, self.gu, self.u
-        lo = (a - gu).amin(dim=1)
-        hi = a.amax(dim=1)
-        nu = 0.5 * (lo + hi) if guess is None else guess.clone()
-        todo = torch.ones_like(lo, dtype=torch.bool)
-        for _ in range(200):
+        if guess is None:
+            return self._budget_price_sorted(a)
+        nu = guess.clone()
+        done = torch.zeros_like(nu, dtype=torch.bool)
+        for _ in range(3):
             d = a - nu[:, None]
-            free = (d > 0) & (d < gu)
-            cap = d >= gu
+            free = (d > 0) & (d < self.gu)
+            ucap = (self.u * (d >= self.gu)).sum(dim=1)
             nfree = free.sum(dim=1)
-            ucap = (u * cap).sum(dim=1)
-            f = (d * free).sum(dim=1) / g + ucap
-            lo = torch.where(f >= 1.0, nu, lo)
-            hi = torch.where(f <= 1.0, nu, hi)
-            cand = ((a * free).sum(dim=1) + g * (ucap - 1.0)) / nfree.clamp_min(1)
-            inside = (nfree > 0) & (cand >= lo) & (cand <= hi)
-            new = torch.where(inside, cand, 0.5 * (lo + hi))
-            moved = (new - nu).abs() > 4e-16 * torch.maximum(nu.abs(), hi - lo).clamp_min(1e-300)
-            todo = todo & moved
-            nu = torch.where(todo, new, nu)
-            if not bool(todo.any()):
-                break
+            f = (d * free).sum(dim=1) / self.gamma + ucap
+            done = (f - 1.0).abs() <= 1e-13
+            if bool(done.all()):
+                return nu
+            cand = ((a * free).sum(dim=1) + self.gamma * (ucap - 1.0)) / nfree.clamp_min(1)
+            nu = torch.where(done | (nfree == 0), nu, cand)
+        rest = torch.nonzero(~done).flatten()
+        nu[rest] = self._budget_price_sorted(a[rest])
         return nu
+
+    def _budget_price_sorted(self, a: torch.Tensor) -> torch.Tensor:
+        """The root of f by its breakpoints a - gamma u (a position leaves its cap as nu
+        rises) and a (it reaches 0): sort them, accumulate f from f(min) = sum(u), interpolate
+        on the segment that crosses 1, then recompute nu from that segment's free set."""
+        b, n = a.shape
+        if b == 0:
+            return a.new_zeros(0)
+        inv = 1.0 / self.gamma
+        bp = torch.cat([a - self.gu, a], dim=1)
+        steps = torch.cat([a.new_full((n,), -inv), a.new_full((n,), inv)])
+        bp, order = torch.sort(bp, dim=1)
+        slope = torch.cumsum(steps[order], dim=1)  # f's slope right of each breakpoint
+        rise = torch.cumsum(slope[:, :-1] * (bp[:, 1:] - bp[:, :-1]), dim=1)
+        f = torch.cat([a.new_zeros((b, 1)), rise], dim=1) + self.u.sum()
+        k = ((f >= 1.0).sum(dim=1, keepdim=True) - 1).clamp(0, 2 * n - 2)
+        lo, hi = bp.gather(1, k), bp.gather(1, k + 1)
+        fk, sk = f.gather(1, k), slope.gather(1, k)
+        nu = torch.where(sk < 0, lo + (fk - 1.0) / (-sk).clamp_min(1e-300), lo)
+        d = a - nu
+        free = (d > 0) & (d < self.gu)
+        count = free.sum(dim=1, keepdim=True)
+        ucap = (self.u * (d >= self.gu)).sum(dim=1, keepdim=True)
+        exact = ((a * free).sum(dim=1, keepdim=True) + self.gamma * (ucap - 1.0)) / count.clamp_min(
+            1
+        )
+        nu = torch.where(count > 0, torch.minimum(torch.maximum(exact, lo), hi), nu)
+        return nu[:, 0]
 
     def _psi(self, a: torch.Tensor) -> torch.Tensor:
         """sum_i psi_i(a_i) per row: a^2/(2 gamma) inside, a u - gamma u^2 / 2 at the cap."""
@@ -263,7 +290,8 @@ class DualNewtonSolver:
         zero = torch.zeros_like(grad)
         at_zero = torch.where(grad + e < 0, grad + e, torch.where(grad - e > 0, grad - e, zero))
         pg = torch.where(lam > 0, grad + e, torch.where(lam < 0, grad - e, at_zero))
-        kkt = pg.abs().amax(dim=1) if self.k else torch.zeros_like(nu_l)
+        budget = torch.maximum((long.sum(dim=1) - 1.0).abs(), (short.sum(dim=1) - 1.0).abs())
+        kkt = torch.maximum(pg.abs().amax(dim=1), budget) if self.k else budget
         return _State(lam, nu_l, nu_s, a_l, a_s, long, short, grad, pg, value, kkt)
 
     # ---- padded blocks ----------------------------------------------------------------------

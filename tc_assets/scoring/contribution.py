@@ -128,11 +128,12 @@ class TCSettings(BaseModel):
         default=200, ge=1, description="Leave-one-out engine: most staked models allowed."
     )
     cpu_threads: int | None = Field(
-        default=None,
+        default=1,
         ge=1,
-        description="torch CPU threads while the engine runs (restored afterwards); None keeps "
-        "torch's setting. 1 is fastest on a busy machine: the solver's tensors are small and "
-        "oversubscribed OpenMP threads wait on each other.",
+        description="torch CPU threads while the engine runs (restored afterwards; None keeps "
+        "torch's setting). Default 1: the solver's per-iteration tensors are small, so extra "
+        "threads gain little, and on a busy machine oversubscribed OpenMP threads wait on each "
+        "other (the full-size round took 7x longer with 2 threads than with 1 under load).",
     )
 
 
