@@ -20,9 +20,7 @@ from tc_assets.scoring.transforms import gaussian_rank
 
 def prediction_matrix(predictions: np.ndarray) -> np.ndarray:
     """Gaussianized tie-kept rank of each column over the ids it covers; missing ids get 0."""
-    p = gaussian_rank(predictions)
-    np.nan_to_num(p, copy=False, nan=0.0)
-    return p
+    return gaussian_rank(predictions, fill=0.0)
 
 
 def stake_weighted_meta_model(p: np.ndarray, stakes: np.ndarray) -> np.ndarray:

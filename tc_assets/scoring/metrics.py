@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from tc_assets.scoring.neutralize import _BLAS_THREADS_HELP, Neutralizer, blas_threads
+from tc_assets.scoring.neutralize import BLAS_THREADS_HELP, Neutralizer, blas_threads
 from tc_assets.scoring.transforms import keys_to_values, rank_keys
 
 TARGET_METRICS = ("corr", "mmc", "fnc_v3", "fnc_v3_tb200")
@@ -55,10 +55,10 @@ class MetricsSettings(BaseModel):
     block_models: int = Field(
         256,
         ge=1,
-        description="Models processed per block: working memory is about 80 bytes x ids x "
+        description="Models processed per block: working memory is about 100 bytes x ids x "
         "block_models, independent of the number of models.",
     )
-    blas_threads: int | None = Field(1, ge=1, description=_BLAS_THREADS_HELP)
+    blas_threads: int | None = Field(1, ge=1, description=BLAS_THREADS_HELP)
 
 
 # --- input checks -------------------------------------------------------------------------
@@ -343,6 +343,12 @@ def feature_exposures(
     f = _feature_matrix(features, predictions.index)
     with blas_threads(cfg.blas_threads):
         e = _exposures(x, f, cfg.block_models)
+    return _exposure_frame(e, predictions, features)
+
+
+def _exposure_frame(
+    e: np.ndarray, predictions: pd.DataFrame, features: pd.DataFrame
+) -> pd.DataFrame:
     return pd.DataFrame(
         e,
         index=pd.Index(predictions.columns, name="model_id"),
@@ -361,13 +367,15 @@ def feature_metrics(
     ``per_model`` (index model_id): max_feature_exposure, exposure_dissimilarity (against the
     example predictions, which may lack ids). ``exposures``: models x features.
     """
-    exposures = feature_exposures(predictions, features, settings)
+    cfg = settings or MetricsSettings()
+    x = _prediction_matrix(predictions)
+    f = _feature_matrix(features, predictions.index)
     ex = _aligned(example, predictions.index, "example")
     if np.count_nonzero(~np.isnan(ex)) < 2:
         raise ValueError("example has fewer than 2 predictions")
-    f = _feature_matrix(features, predictions.index)
-    e = np.nan_to_num(_exposures(ex[None, :], f, 1)[0])
-    u = exposures.to_numpy()
+    with blas_threads(cfg.blas_threads):
+        u = _exposures(x, f, cfg.block_models)
+        e = np.nan_to_num(_exposures(ex[None, :], f, 1)[0])  # undefined exposure counts as 0
     ee = e @ e
     with np.errstate(invalid="ignore", divide="ignore"):
         dissimilarity = 1.0 - np.nan_to_num(u) @ e / ee if ee > 0 else np.full(u.shape[0], np.nan)
@@ -377,9 +385,9 @@ def feature_metrics(
     max_exposure[has] = np.nanmax(absu[has], axis=1)
     per_model = pd.DataFrame(
         {"max_feature_exposure": max_exposure, "exposure_dissimilarity": dissimilarity},
-        index=exposures.index,
+        index=pd.Index(predictions.columns, name="model_id"),
     )
-    return per_model, exposures
+    return per_model, _exposure_frame(u, predictions, features)
 
 
 def exposures_long(exposures: pd.DataFrame) -> pd.DataFrame:

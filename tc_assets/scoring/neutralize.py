@@ -38,7 +38,7 @@ _FAST_PATH_MARGIN = 0.1
 _BLOCK_COLUMNS = 256
 
 
-_BLAS_THREADS_HELP = (
+BLAS_THREADS_HELP = (
     "BLAS threads while this runs (None: leave the library default). 1 by default: these "
     "products are small or many, and a multi-threaded OpenBLAS on a busy 2-core box (other "
     "processes, parallel Dagster steps) ran them 3-20x slower in our measurements."
@@ -76,7 +76,7 @@ class NeutralizationSettings(BaseModel):
         description="Singular values <= rcond * largest are treated as zero "
         "(numerai_tools.scoring.neutralize uses 1e-6).",
     )
-    blas_threads: int | None = Field(1, ge=1, description=_BLAS_THREADS_HELP)
+    blas_threads: int | None = Field(1, ge=1, description=BLAS_THREADS_HELP)
 
 
 def design_matrix(features: np.ndarray) -> np.ndarray:
@@ -144,7 +144,7 @@ class FeatureSpan:
             gram = blas.dsyrk(-1.0, ud, beta=1.0, c=np.eye(r, order="F"), trans=1, lower=1)
             chol, info = lapack.dpotrf(gram, lower=1, clean=1)
             if info == 0:
-                low = np.abs(np.tril(gram))
+                low = np.abs(gram)  # lower triangle; the strict upper is still 0 (from I)
                 anorm = float((low.sum(axis=0) + low.sum(axis=1) - np.diag(low)).max())
                 rc, info = lapack.dpocon(chol, anorm, uplo="L")
                 # cond(A_S) <= cond(A) sqrt(cond2(gram)), cond2 <= cond1 ~ 1/rc (x10 margin

@@ -72,6 +72,21 @@ def rank_keys(
     return keys, counts, orders
 
 
+_KEY_FUNCTIONS = ("rank", "gaussian", "gaussian_pow15")
+
+
+def _from_ranks(r: np.ndarray, fn: str) -> np.ndarray:
+    """The centred rank ``r`` through ``fn`` (the same operations for tables and direct use)."""
+    if fn == "rank":
+        return r
+    g = ndtri(r)
+    if fn == "gaussian":
+        return g
+    if fn == "gaussian_pow15":
+        return np.sign(g) * np.abs(g) ** 1.5
+    raise ValueError(f"unknown key function {fn!r}, expected one of {_KEY_FUNCTIONS}")
+
+
 def key_table(count: int, fn: str = "rank") -> np.ndarray:
     """Value of every possible key (index 0..2*count-1) for rows with ``count`` entries.
 
@@ -81,13 +96,7 @@ def key_table(count: int, fn: str = "rank") -> np.ndarray:
     """
     if count < 1:
         raise ValueError("count must be >= 1")
-    table = np.arange(2 * count, dtype=np.float64) / (2 * count)
-    if fn != "rank":
-        table = ndtri(table)
-        if fn == "gaussian_pow15":
-            table = np.sign(table) * np.abs(table) ** 1.5
-        elif fn != "gaussian":
-            raise ValueError(f"unknown key table {fn!r}")
+    table = _from_ranks(np.arange(2 * count, dtype=np.float64) / (2 * count), fn)
     table[0] = np.nan
     return table
 
@@ -99,9 +108,11 @@ def keys_to_values(
     fill: float = np.nan,
     cache: dict[tuple[int, str], np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Map ``rank_keys`` output through ``key_table`` row by row (one table per distinct count).
+    """Map ``rank_keys`` output to values: ``fn`` of ``key / (2 count)``, ``fill`` for key 0.
 
-    ``fill`` is the value of key 0 (NaN entries); ``cache`` keeps tables across calls.
+    Rows sharing a count use one lookup table (``key_table``; ``cache`` keeps tables across
+    calls); a row with a count of its own is evaluated directly, which is cheaper than its
+    table. Both give bitwise the same values.
     """
 
     def table(count: int) -> np.ndarray:
@@ -116,17 +127,29 @@ def keys_to_values(
             t[0] = fill
         return t
 
-    uniq, inverse = np.unique(counts, return_inverse=True)
+    counts = np.asarray(counts)
+    uniq, inverse, size = np.unique(counts, return_inverse=True, return_counts=True)
     if len(uniq) == 1:
         return table(int(uniq[0]))[keys]  # fancy indexing: the fastest gather
     out = np.empty(keys.shape, dtype=np.float64)
-    for u, c in enumerate(uniq):
-        rows = np.flatnonzero(inverse == u)
-        out[rows] = table(int(c))[keys[rows]]
+    shared = np.flatnonzero(size[inverse] > 1)
+    if shared.size:  # one gather from the stacked tables, each row offset to its own table
+        used = np.flatnonzero(size > 1)
+        tables = [table(int(uniq[u])) for u in used]
+        starts = np.zeros(uniq.size, dtype=np.int64)
+        starts[used] = np.cumsum([0] + [t.size for t in tables[:-1]])
+        out[shared] = np.concatenate(tables)[keys[shared] + starts[inverse[shared]][:, None]]
+    single = np.flatnonzero(size[inverse] == 1)
+    if single.size:
+        k = keys[single]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            v = _from_ranks(k / (2 * counts[single])[:, None], fn)
+        v[k == 0] = fill
+        out[single] = v
     return out
 
 
-def _column_transform(x: np.ndarray, fn: str) -> np.ndarray:
+def _column_transform(x: np.ndarray, fn: str, fill: float = np.nan) -> np.ndarray:
     a = np.asarray(x, dtype=np.float64)
     squeeze = a.ndim == 1
     # Work on rows (models x ids): a DataFrame's values are column-major, so .T is free.
@@ -135,7 +158,7 @@ def _column_transform(x: np.ndarray, fn: str) -> np.ndarray:
     step = 8 * _RANK_BLOCK_ROWS  # bounds the int32 key buffer; reused blocks avoid page faults
     for i0 in range(0, rows.shape[0], step):
         keys, counts, _ = rank_keys(rows[i0 : i0 + step])
-        out[i0 : i0 + step] = keys_to_values(keys, counts, fn)
+        out[i0 : i0 + step] = keys_to_values(keys, counts, fn, fill)
     return out[0] if squeeze else out.T
 
 
@@ -153,7 +176,8 @@ def gaussianize(ranks: np.ndarray) -> np.ndarray:
     return ndtri(ranks)
 
 
-def gaussian_rank(x: np.ndarray) -> np.ndarray:
-    """Tie-kept rank then gaussianize each column (NaN stays NaN); bitwise equal to
-    ``gaussianize(tie_kept_rank(x))`` but via a per-count lookup table."""
-    return _column_transform(x, "gaussian")
+def gaussian_rank(x: np.ndarray, fill: float = np.nan) -> np.ndarray:
+    """Tie-kept rank then gaussianize each column; NaN entries become ``fill`` (NaN by
+    default). Bitwise equal to ``gaussianize(tie_kept_rank(x))`` but via a per-count lookup
+    table."""
+    return _column_transform(x, "gaussian", fill)
