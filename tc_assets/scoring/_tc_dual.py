@@ -41,6 +41,8 @@ on any torch device, float64.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -53,7 +55,7 @@ from tc_assets.scoring.optimizer import (
     check_constraints,
 )
 
-__all__ = ["DualBatch", "DualNewtonSolver", "resolve_device"]
+__all__ = ["DualBatch", "DualNewtonSolver", "resolve_device", "torch_threads"]
 
 OPTIMAL = "optimal"
 INFEASIBLE = "infeasible"
@@ -61,6 +63,20 @@ MAX_ITERATIONS = "max_iterations"
 NOT_FINITE = "not_finite"
 
 _BLOCK_BYTES = 64 * 2**20  # memory of one padded (bags, rows, columns) block
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Temporarily set torch's CPU thread count (None: leave it)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -46,8 +46,6 @@ Engines (`TCSettings.engine`), all on the same masks:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -55,7 +53,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from tc_assets.scoring._tc_dual import DualBatch, DualNewtonSolver, resolve_device
+from tc_assets.scoring._tc_dual import DualBatch, DualNewtonSolver, resolve_device, torch_threads
 from tc_assets.scoring.optimizer import PortfolioSolution, PortfolioSpec
 
 __all__ = ["TCResult", "TCSettings", "dropout_masks", "true_contribution"]
@@ -213,20 +211,6 @@ def dropout_masks(
     return masks
 
 
-@contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Temporarily set torch's CPU thread count (None: leave it)."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @dataclass(frozen=True)
 class _Round:
     """Validated inputs shared by the engines."""
@@ -289,7 +273,7 @@ def true_contribution(
         ValueError: bad inputs, or a leave-one-out round above its size guard.
     """
     settings = settings or TCSettings()
-    with _torch_threads(settings.cpu_threads):
+    with torch_threads(settings.cpu_threads):
         return _true_contribution(p, stakes, target, spec, settings, label)
 
 

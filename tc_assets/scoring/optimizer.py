@@ -265,17 +265,20 @@ def solve_portfolio(
     kkt_tol: float = 1e-10,
     max_iter: int = 200,
     device: str = "cpu",
+    cpu_threads: int | None = 1,
 ) -> PortfolioSolution:
     """Solve the spec's problem for one signal x with the fast exact dual Newton solver.
 
     Raises `PortfolioSolveError` (naming `label`) when the problem is infeasible or the solver
     does not reach `kkt_tol` even after a cold restart with four times the iterations.
+    cpu_threads: torch threads during the solve (see `TCSettings.cpu_threads`).
     """
-    from tc_assets.scoring._tc_dual import DualNewtonSolver
+    from tc_assets.scoring._tc_dual import DualNewtonSolver, torch_threads
 
-    solver = DualNewtonSolver(spec, device=device, kkt_tol=kkt_tol, max_iter=max_iter)
-    batch = solver.solve_or_raise(np.asarray(x, dtype=np.float64)[None, :], label=label)
-    return batch.solution(0, spec)
+    with torch_threads(cpu_threads):
+        solver = DualNewtonSolver(spec, device=device, kkt_tol=kkt_tol, max_iter=max_iter)
+        batch = solver.solve_or_raise(np.asarray(x, dtype=np.float64)[None, :], label=label)
+        return batch.solution(0, spec)
 
 
 @dataclass(frozen=True)
