@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from tc_assets.scoring.neutralize import BLAS_THREADS_HELP, Neutralizer, blas_threads
+from tc_assets.scoring.neutralize import BLAS_THREADS_HELP, Neutralizer, limit_blas_threads
 from tc_assets.scoring.transforms import keys_to_values, rank_keys
 
 TARGET_METRICS = ("corr", "mmc", "fnc_v3", "fnc_v3_tb200")
@@ -211,7 +211,7 @@ def target_metrics(
         raise ValueError("target has fewer than 2 ids with a value")
     if np.isnan(mm[t_ids]).any():
         raise ValueError("meta_model must have a value for every id with a target")
-    with blas_threads(cfg.blas_threads):
+    with limit_blas_threads(cfg.blas_threads):
         out = _TargetScorer(f[t_ids], t[t_ids], mm[t_ids], cfg).score(x, t_ids)
     return pd.DataFrame(
         out, index=pd.Index(predictions.columns, name="model_id"), columns=list(TARGET_METRICS)
@@ -341,7 +341,7 @@ def feature_exposures(
     cfg = settings or MetricsSettings()
     x = _prediction_matrix(predictions)
     f = _feature_matrix(features, predictions.index)
-    with blas_threads(cfg.blas_threads):
+    with limit_blas_threads(cfg.blas_threads):
         e = _exposures(x, f, cfg.block_models)
     return _exposure_frame(e, predictions, features)
 
@@ -373,7 +373,7 @@ def feature_metrics(
     ex = _aligned(example, predictions.index, "example")
     if np.count_nonzero(~np.isnan(ex)) < 2:
         raise ValueError("example has fewer than 2 predictions")
-    with blas_threads(cfg.blas_threads):
+    with limit_blas_threads(cfg.blas_threads):
         u = _exposures(x, f, cfg.block_models)
         e = np.nan_to_num(_exposures(ex[None, :], f, 1)[0])  # undefined exposure counts as 0
     ee = e @ e

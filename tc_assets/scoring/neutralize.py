@@ -46,7 +46,7 @@ BLAS_THREADS_HELP = (
 _controller: ThreadpoolController | None = None
 
 
-def blas_threads(threads: int | None) -> contextlib.AbstractContextManager[object]:
+def limit_blas_threads(threads: int | None) -> contextlib.AbstractContextManager[object]:
     """Context that limits BLAS threads of this process (None: no change). Process-global
     while active, as any BLAS thread setting is."""
     global _controller
@@ -253,7 +253,7 @@ def neutralize_matrix(
     features: np.ndarray,
     proportion: float = 1.0,
     rcond: float = RCOND,
-    threads: int | None = 1,
+    blas_threads: int | None = 1,
 ) -> np.ndarray:
     """Neutralize every column of ``x`` (ids x models, NaN = not submitted) to ``features``.
 
@@ -270,7 +270,7 @@ def neutralize_matrix(
     if f.ndim != 2 or f.shape[0] != a.shape[0]:
         raise ValueError(f"x has {a.shape[0]} rows but features has shape {f.shape}")
     out = np.empty(a.shape, order="F")
-    with blas_threads(threads):
+    with limit_blas_threads(blas_threads):
         neutralizer = Neutralizer(f, rcond)
         for c0 in range(0, a.shape[1], _BLOCK_COLUMNS):
             block = slice(c0, c0 + _BLOCK_COLUMNS)
@@ -283,7 +283,7 @@ def neutralize(
     features: pd.DataFrame,
     proportion: float = 1.0,
     rcond: float = RCOND,
-    threads: int | None = 1,
+    blas_threads: int | None = 1,
 ) -> pd.DataFrame:
     """DataFrame form of ``neutralize_matrix``: same index on both, NaN = not submitted."""
     if not isinstance(predictions, pd.DataFrame) or not isinstance(features, pd.DataFrame):
@@ -295,5 +295,5 @@ def neutralize(
     if features.isna().to_numpy().any():
         raise ValueError("features contain NaN")
     x = predictions.to_numpy(np.float64)
-    out = neutralize_matrix(x, features.to_numpy(), proportion, rcond, threads)
+    out = neutralize_matrix(x, features.to_numpy(), proportion, rcond, blas_threads)
     return pd.DataFrame(out, index=predictions.index, columns=predictions.columns)
