@@ -247,9 +247,9 @@ def expected_reputation(wh: str, as_of: int, window: int) -> pd.DataFrame:
     return out.assign(window_rounds=len(rounds))
 
 
-def check_reputation(wh: str | Path, window: int) -> None:
+def check_reputation(wh: str | Path, window: int, rounds: tuple[int, ...] = ROUNDS) -> None:
     rep = mart(wh, "model_reputation").set_index(["round", "model_id"])
-    for r in ROUNDS:
+    for r in rounds:
         got = rep.loc[r]
         expected = expected_reputation(str(wh), r, window).loc[got.index]
         assert sorted(got.index) == sorted(expected_reputation(str(wh), r, window).index)
@@ -284,37 +284,50 @@ def test_portfolio_leaderboard(scored):
 # --- dbt by hand: vars, full refresh, a failing test ------------------------------------------
 
 
+def test_full_refresh_through_dagster_rebuilds_every_round(scored):
+    """A run of round 1 with `full_refresh` rebuilds every round of every mart: identical."""
+    defs, paths, instance, _ = scored
+    before = {m: mart(paths.warehouse, m) for m in MARTS}
+    result = defs.resolve_job_def(SCORE_ROUND_JOB).execute_in_process(
+        instance=instance,
+        partition_key="1",
+        asset_selection=list(defs.resolve_assets_def(MART_KEYS["round_summary"]).keys),
+        run_config={"ops": {"dbt_metrics": {"config": {"full_refresh": True}}}},
+        raise_on_error=False,
+    )
+    assert result.success
+    assert {MART_KEYS[m] for m in MARTS} <= {
+        e.asset_key for e in result.get_asset_materialization_events()
+    }
+    for m in MARTS:
+        pd.testing.assert_frame_equal(mart(paths.warehouse, m), before[m])
+
+
 def test_rerunning_a_round_rebuilds_exactly_that_round(scored, tmp_path):
-    """`--vars '{round: 1}'` deletes and re-inserts round 1 of every mart: its rows follow the
-    sources, round 2 stays as it was, and no mart gains or loses a row."""
+    """`--vars '{round: 2}'` deletes and re-inserts round 2 of every mart: its rows follow the
+    sources (and the reputation window var), round 1 stays as it was, and no leaderboard or
+    summary gains or loses a row."""
     _, paths, _, _ = scored
     wh = copy_warehouse(paths.warehouse, tmp_path)
     before = {m: mart(wh, m) for m in MARTS}
-    with duckdb.connect(str(wh)) as con:  # a new corr in both rounds; only round 1 is rebuilt
+    with duckdb.connect(str(wh)) as con:  # a new corr in both rounds; only round 2 is rebuilt
         con.execute("update payouts set corr = corr / 2")
-    proc, _ = dbt(wh, "build", "--select", "path:models/marts", "--vars", "{round: 1}")
+    marts = "path:models/marts"
+    proc, _ = dbt(wh, "build", "--select", marts, "--vars", "{round: 2, reputation_window: 1}")
     assert proc.returncode == 0, proc.stdout
     for m in MARTS:
         after = mart(wh, m)
-        assert after.groupby("round").size().equals(before[m].groupby("round").size()), m
-        two = after["round"] == 2
-        pd.testing.assert_frame_equal(after[two], before[m][two])
+        one = after["round"] == 1
+        pd.testing.assert_frame_equal(after[one], before[m][one])
+        if m != "model_reputation":  # whose round 2 now covers one round: checked below
+            assert after.groupby("round").size().equals(before[m].groupby("round").size()), m
     board, old = mart(wh, "round_leaderboard"), before["round_leaderboard"]
-    one = board["round"] == 1
-    np.testing.assert_allclose(board.loc[one, "corr"], old.loc[one, "corr"] / 2, rtol=1e-12)
+    two = board["round"] == 2
+    np.testing.assert_allclose(board.loc[two, "corr"], old.loc[two, "corr"] / 2, rtol=1e-12)
     pd.testing.assert_frame_equal(board.drop(columns="corr"), old.drop(columns="corr"))
-
-
-def test_full_refresh_rebuilds_everything_and_the_window_is_a_var(scored, tmp_path):
-    _, paths, _, _ = scored
-    wh = copy_warehouse(paths.warehouse, tmp_path)
-    before = {m: mart(wh, m) for m in MARTS}
-    proc, status = dbt(wh, "build", "--full-refresh", "--vars", "{reputation_window: 1}")
-    assert proc.returncode == 0, proc.stdout
-    assert status and set(status.values()) == {"success", "pass"}
-    for m in ("round_leaderboard", "round_summary", "portfolio_leaderboard"):
-        pd.testing.assert_frame_equal(mart(wh, m), before[m])
-    check_reputation(wh, window=1)
+    check_reputation(wh, window=1, rounds=(2,))
+    rep = mart(wh, "model_reputation")
+    assert set(rep.loc[rep["round"] == 2, "window_rounds"]) == {1}
 
 
 def test_a_payout_beyond_the_clip_fails_the_range_test(scored, tmp_path):

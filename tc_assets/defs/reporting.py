@@ -10,9 +10,10 @@ Analysts own the SQL (staging views, the marts `round_leaderboard`, `model_reput
   so the dbt models are drawn downstream of the Python assets and run after them in the same
   `score_round` run (skipped with them while the round awaits resolution);
 * a run of round R is `dbt build --vars '{"round": R}'`: incremental marts delete and re-insert
-  round R only, and every dbt test runs (a failing test fails the step, its result is an asset
-  check). dbt writes the file of the `warehouse` resource (passed in TC_WAREHOUSE, which
-  profiles.yml reads), inside the writers' pool, so it never meets a Python writer.
+  round R only (config `full_refresh`: every round), and every dbt test runs (a failing test
+  fails the step; tests on models are asset checks). dbt writes the file of the `warehouse`
+  resource (passed in TC_WAREHOUSE, which profiles.yml reads), inside the writers' pool, so it
+  never meets a Python writer.
 """
 
 import json
@@ -35,6 +36,7 @@ from dagster_dbt import (
     DbtProject,
     dbt_assets,
 )
+from pydantic import Field
 
 from tc_assets.defs.metadata import markdown_table
 from tc_assets.defs.partitions import WAREHOUSE_POOL, round_of, rounds_partitions
@@ -57,6 +59,17 @@ PREVIEWS: dict[str, tuple[str, str]] = {
         "pp_rank",
     ),
 }
+
+
+class DbtBuildConfig(dg.Config):
+    """How a round's dbt build runs (set in the launchpad for one run)."""
+
+    full_refresh: bool = Field(
+        default=False,
+        description="Rebuild every round of the selected marts from scratch (`dbt build "
+        "--full-refresh`): needed after a mart's columns change, and to bring model_reputation "
+        "up to date after earlier rounds were re-scored.",
+    )
 
 
 class ReportingSetupError(RuntimeError):
@@ -210,9 +223,13 @@ def _unique_id(event: Any) -> str | None:
     name="dbt_metrics",
 )
 def dbt_metrics(
-    context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource
+    context: dg.AssetExecutionContext,
+    config: DbtBuildConfig,
+    dbt: DbtCliResource,
+    warehouse: WarehouseResource,
 ) -> Iterator[Any]:
-    """`dbt build` of the selected models and their tests for the round (`--vars round`).
+    """`dbt build` of the selected models and their tests for the round (`--vars round`), or
+    of every round with `full_refresh`.
 
     Events are collected while dbt runs and yielded when it exits: the warehouse file is dbt's
     until then, and each model's materialization carries its rows of the round (and the top of
@@ -222,9 +239,12 @@ def dbt_metrics(
     path = str(Path(warehouse.path).expanduser().resolve())
     # This invocation's artifacts (run_results.json, dbt.log): kept only if the build fails.
     target = Path(tempfile.mkdtemp(prefix=f"dbt_metrics_round_{r}_"))
+    args = ["build", "--vars", json.dumps({"round": r})]
+    if config.full_refresh:
+        args.append("--full-refresh")
     with _environment({WAREHOUSE_ENV: path}):
         invocation = dbt.cli(
-            ["build", "--vars", json.dumps({"round": r})],
+            args,
             context=context,
             raise_on_error=False,
             target_path=target,
