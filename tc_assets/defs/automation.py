@@ -11,9 +11,9 @@ Three instigators, each with one job, so that a round never gets two runs for on
   and re-ingests each round that closed within the look-back and has not been ingested since
   it closed: submissions are final only at close.
 * ``round_changes_sensor`` scores closed, ingested rounds whenever the content of their input
-  files differs from what they were last scored on: the first scoring after ingestion, a
-  ``resolved.parquet`` that arrives or changes (``resolved`` and what depends on it), or any
-  other input that changes (the whole round, ingestion included). Content is compared by hash
+  files differs from what they were last scored on: the first scoring after ingestion or a
+  ``resolved.parquet`` that arrives or changes (every round asset but the ingested inputs),
+  or any other input that changes (the whole round, ingestion included). Content is compared by hash
   (sha256 locally, the ETag on S3); sizes and times only decide when a file must be hashed
   again. Each round is one run of the ``score_round`` job; many rounds at once are many runs,
   which the run queue (dagster.yaml) admits a few at a time. A round with a run in progress is
@@ -307,8 +307,10 @@ class RoundTargets:
     ingest_job: str
     score_job: str
     ingestion: frozenset[dg.AssetKey]  # written by the round_inputs multi-asset
-    scoring: tuple[dg.AssetKey, ...]  # every other round asset (resolved included)
-    after_resolution: tuple[dg.AssetKey, ...]  # resolved and every round asset downstream
+    # Every other round asset, resolved included. A resolution re-runs all of them, not only
+    # what depends on targets: a step skipped while the round was unresolved (the dbt models
+    # run as one step) may have left assets upstream of the targets unbuilt.
+    scoring: tuple[dg.AssetKey, ...]
 
     @classmethod
     def from_assets(
@@ -316,14 +318,7 @@ class RoundTargets:
     ) -> "RoundTargets":
         keys = {k for a in round_assets for k in a.keys}
         ingestion = frozenset(ingest.round_inputs.keys)
-        downstream = dg.AssetSelection.assets(ingest.resolved).downstream().resolve(round_assets)
-        return cls(
-            ingest_job=ingest_job,
-            score_job=score_job,
-            ingestion=ingestion,
-            scoring=tuple(sorted(keys - ingestion)),
-            after_resolution=tuple(sorted(keys & downstream)),
-        )
+        return cls(ingest_job, score_job, ingestion, tuple(sorted(keys - ingestion)))
 
     @property
     def marker(self) -> dg.AssetKey:
@@ -639,7 +634,7 @@ def _scoring_request(
             cursor.mark_scored(key, state)
             return None
         if scored is not None and scored[0] == state.inputs:  # only resolved.parquet moved
-            reason, selection = REASON_RESOLVED, list(targets.after_resolution)
+            reason, selection = REASON_RESOLVED, list(targets.scoring)
         elif stamp == state.input_stamp:  # the last ingestion read today's files
             reason, selection = REASON_INGESTED, list(targets.scoring)
         else:
