@@ -15,6 +15,13 @@ def _home() -> Path:
     return Path(os.environ.get("TC_HOME", ".tc_platform")).expanduser().resolve()
 
 
+def _log_file(command: str) -> Path:
+    """A new log file for this invocation's runs under $TC_HOME/logs."""
+    folder = _home() / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tc_assets.io.synthetic import SyntheticSettings, generate_source
     from tc_assets.runner import parse_rounds
@@ -45,11 +52,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"DAGSTER_HOME={home}")
     paths = PlatformPaths.create(args.source, args.warehouse)
     rounds = parse_rounds(args.rounds) if args.rounds else None
-    outcomes = run_rounds(paths, rounds)
+    log_path = _log_file("run")
+    with log_path.open("w") as log:
+        outcomes = run_rounds(paths, rounds, log=log)
     failed = [o for o in outcomes if not o.success]
     print(
         f"{len(outcomes) - len(failed)} of {len(outcomes)} rounds succeeded; "
-        f"warehouse: {paths.warehouse}"
+        f"warehouse: {paths.warehouse}; full log: {log_path}"
     )
     return 1 if failed else 0
 
@@ -69,8 +78,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     generate_source(source, rounds, settings)
     home = ensure_dagster_home(_home() / "dagster_home")
     paths = PlatformPaths.create(str(source), str(demo / "warehouse.duckdb"))
-    print(f"running {len(rounds)} rounds through Dagster (DAGSTER_HOME={home}) ...")
-    outcomes = run_rounds(paths, rounds)
+    log_path = _log_file("demo")
+    print(
+        f"running {len(rounds)} rounds through Dagster (DAGSTER_HOME={home}; "
+        f"full log: {log_path}) ..."
+    )
+    with log_path.open("w") as log:
+        outcomes = run_rounds(paths, rounds, log=log)
     print()
     print_demo_report(paths.warehouse, rounds)
     failed = [o for o in outcomes if not o.success]

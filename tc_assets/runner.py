@@ -3,17 +3,25 @@
 Each round is one run of the `score_round` job on a persistent Dagster instance, so the runs,
 their logs and materializations show in `make dev` afterwards. The same Definitions object as
 the UI's is used: nothing is scored by a side path.
+
+The terminal gets one line per finished step (with its time), every warning, every failed
+check and, per round, what failed and why. Dagster's full debug log, dbt's output and library
+warnings go to a log file instead (and, as for any run, to the run's logs in the UI).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import shutil
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import dagster as dg
 
@@ -63,16 +71,84 @@ def ensure_dagster_home(default: Path) -> Path:
     return home
 
 
+class _ProgressHandler(logging.Handler):
+    """Echoes what an operator watching a run needs: finished and failed steps, failed checks,
+    and the assets' own messages (not Dagster's debug events)."""
+
+    def __init__(self, echo: Callable[[str], None]) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.echo = echo
+
+    def emit(self, record: logging.LogRecord) -> None:
+        meta = getattr(record, "dagster_meta", None) or {}
+        step = meta.get("step_key") or ""
+        event = meta.get("dagster_event")
+        if event is None:
+            message = str(meta.get("orig_message", record.getMessage()))
+            # The engine's "Dependencies for step ... Not executing." lines are summed up per
+            # round by run_rounds; everything else logged in a step is the asset's own word.
+            if record.levelno >= logging.INFO and step and not message.startswith("Dependencies"):
+                self.echo(f"  {step}: {message}")
+            return
+        kind = event.event_type
+        if kind == dg.DagsterEventType.STEP_SUCCESS:
+            seconds = event.event_specific_data.duration_ms / 1000.0
+            self.echo(f"  {step:<44} ok {seconds:6.1f}s")
+        elif kind == dg.DagsterEventType.STEP_FAILURE:
+            self.echo(f"  {step:<44} FAILED: {_error_message(event)}")
+        elif kind == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
+            check = event.event_specific_data
+            if not check.passed:
+                self.echo(
+                    f"  check {check.check_name} on {check.asset_key.to_user_string()} did not "
+                    f"pass ({check.severity.value}): {check.description}"
+                )
+
+
+def progress_logger(echo: Callable[[str], None]) -> dg.LoggerDefinition:
+    """A Dagster logger that prints compact progress through `echo` (see _ProgressHandler)."""
+
+    def create(_: dg.InitLoggerContext) -> logging.Logger:
+        logger = logging.Logger("tc_platform_progress", level=logging.DEBUG)
+        logger.addHandler(_ProgressHandler(echo))
+        return logger
+
+    return dg.LoggerDefinition(create, description="Compact progress for tc-platform run.")
+
+
+@contextlib.contextmanager
+def _captured(log: TextIO | None) -> Iterator[None]:
+    """Send stdout and stderr (Dagster's console log, dbt, warnings) to `log` in the block."""
+    if log is None:
+        yield
+        return
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        yield
+
+
 def _error_message(event: dg.DagsterEvent) -> str:
     error = getattr(event.event_specific_data, "error", None)
     if error is None:
         return event.message or "failed"
     # A dagster.Failure carries our readable description; show it rather than a stack trace.
-    msg = error.message.strip()
     while error.cause is not None and "dagster._core.errors" in (error.cls_name or ""):
         error = error.cause
-        msg = error.message.strip()
+    msg = error.message.strip()
+    if error.cls_name == "Failure":
+        msg = msg.split(": ", 1)[-1]  # "dagster._core.definitions.events.Failure: <ours>"
     return msg
+
+
+def _failed_checks(result: dg.ExecuteInProcessResult) -> dict[str, str]:
+    """Step key of each failed ERROR check -> its description (why a blocking check failed)."""
+    out: dict[str, str] = {}
+    for event in result.all_events:
+        if event.event_type != dg.DagsterEventType.ASSET_CHECK_EVALUATION:
+            continue
+        check = event.event_specific_data
+        if not check.passed and check.severity == dg.AssetCheckSeverity.ERROR:
+            out[event.step_key or "?"] = f"check {check.check_name}: {check.description}"
+    return out
 
 
 def run_rounds(
@@ -80,13 +156,24 @@ def run_rounds(
     rounds: Sequence[int] | None = None,
     instance: dg.DagsterInstance | None = None,
     echo: Callable[[str], None] = print,
+    log: TextIO | None = None,
 ) -> list[RoundOutcome]:
     """Add the rounds' partitions and run the score_round job for each, in order.
 
     Every round runs even if an earlier one failed; the outcomes say which failed and why.
+    Progress goes to `echo`; with `log`, stdout and stderr of the runs (Dagster's debug log,
+    dbt's output) are written there instead of the terminal.
     """
-    defs = build_definitions(paths)
+    out = sys.stdout
+
+    def say(line: str) -> None:  # to the terminal even while the run's output is captured
+        with contextlib.redirect_stdout(out):
+            echo(line)
+
+    loggers = {**dg.default_loggers(), "progress": progress_logger(say)}
+    defs = build_definitions(paths, loggers=loggers)
     job = defs.resolve_job_def(SCORE_ROUND_JOB)
+    run_config = {"loggers": {"progress": {}, "console": {"config": {"log_level": "DEBUG"}}}}
     instance = instance or dg.DagsterInstance.get()
     if rounds is None:
         rounds = open_source(paths.source).round_numbers()
@@ -101,16 +188,22 @@ def run_rounds(
     for key in keys:
         echo(f"round {key}: running {SCORE_ROUND_JOB} ...")
         start = time.perf_counter()
-        result = job.execute_in_process(
-            instance=instance, partition_key=key, raise_on_error=False, tags={"source": "cli"}
-        )
+        with _captured(log):
+            result = job.execute_in_process(
+                run_config=run_config,
+                instance=instance,
+                partition_key=key,
+                raise_on_error=False,
+                tags={"source": "cli"},
+            )
+        checks = _failed_checks(result)
         outcome = RoundOutcome(
             round=int(key),
             success=result.success,
             run_id=result.run_id,
             seconds=time.perf_counter() - start,
             failures=[
-                (e.step_key or "?", _error_message(e))
+                (e.step_key or "?", checks.get(e.step_key or "?") or _error_message(e))
                 for e in result.all_events
                 if e.event_type == dg.DagsterEventType.STEP_FAILURE
             ],
@@ -128,8 +221,10 @@ def run_rounds(
             )
             echo(f"round {key}: ok in {outcome.seconds:.1f}s{note}")
         else:
-            echo(f"round {key}: FAILED in {outcome.seconds:.1f}s (run {result.run_id})")
-            for step, message in outcome.failures:
-                echo(f"  step {step} failed: {message}")
+            failed = ", ".join(step for step, _ in outcome.failures)
+            echo(
+                f"round {key}: FAILED in {outcome.seconds:.1f}s (run {result.run_id}) at {failed}"
+                + (f"; not run: {', '.join(outcome.skipped)}" if outcome.skipped else "")
+            )
         outcomes.append(outcome)
     return outcomes

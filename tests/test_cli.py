@@ -40,7 +40,7 @@ def test_generate_then_run_and_a_failing_round_exits_non_zero(tmp_path):
         "--rounds",
         "1-2",
         "--stocks",
-        "400",
+        "800",
         "--features",
         "12",
         "--models",

@@ -58,6 +58,11 @@ def mart(warehouse: str | Path, name: str) -> pd.DataFrame:
     return read(warehouse, f"select * from reporting.{name} order by {key}")
 
 
+def round_rows(frame: pd.DataFrame, r: int) -> pd.DataFrame:
+    """One round's rows of a mart, re-indexed from 0 (for comparisons across builds)."""
+    return frame[frame["round"] == r].reset_index(drop=True)
+
+
 def copy_warehouse(src: str, dst_dir: Path) -> Path:
     dst = dst_dir / "copy.duckdb"
     shutil.copy(src, dst)
@@ -285,9 +290,13 @@ def test_portfolio_leaderboard(scored):
 
 
 def test_full_refresh_through_dagster_rebuilds_every_round(scored):
-    """A run of round 1 with `full_refresh` rebuilds every round of every mart: identical."""
+    """A run of round 1 with `full_refresh` rebuilds every round of every mart: rows of round 2
+    deleted from each mart beforehand come back, identical to what they were."""
     defs, paths, instance, _ = scored
     before = {m: mart(paths.warehouse, m) for m in MARTS}
+    with duckdb.connect(paths.warehouse) as con:
+        for m in MARTS:
+            con.execute(f"delete from reporting.{m} where round = 2")
     result = defs.resolve_job_def(SCORE_ROUND_JOB).execute_in_process(
         instance=instance,
         partition_key="1",
@@ -317,8 +326,7 @@ def test_rerunning_a_round_rebuilds_exactly_that_round(scored, tmp_path):
     assert proc.returncode == 0, proc.stdout
     for m in MARTS:
         after = mart(wh, m)
-        one = after["round"] == 1
-        pd.testing.assert_frame_equal(after[one], before[m][one])
+        pd.testing.assert_frame_equal(round_rows(after, 1), round_rows(before[m], 1))
         if m != "model_reputation":  # whose round 2 now covers one round: checked below
             assert after.groupby("round").size().equals(before[m].groupby("round").size()), m
     board, old = mart(wh, "round_leaderboard"), before["round_leaderboard"]
@@ -328,6 +336,31 @@ def test_rerunning_a_round_rebuilds_exactly_that_round(scored, tmp_path):
     check_reputation(wh, window=1, rounds=(2,))
     rep = mart(wh, "model_reputation")
     assert set(rep.loc[rep["round"] == 2, "window_rounds"]) == {1}
+
+
+def test_rebuilding_an_earlier_round_refreshes_later_reputations(scored, tmp_path):
+    """Round 1's inputs change after round 2 was built (a late re-score, or rounds scored out
+    of order): the run for round 1 rebuilds the reputation of round 2 too, whose window holds
+    round 1, while the round-by-round marts of round 2 stay as they were."""
+    _, paths, _, _ = scored
+    wh = copy_warehouse(paths.warehouse, tmp_path)
+    before = {m: mart(wh, m) for m in MARTS}
+    with duckdb.connect(str(wh)) as con:
+        con.execute("update tc_scores set tc = tc + 1 where round = 1")
+    proc, _ = dbt(wh, "build", "--select", "path:models/marts", "--vars", "{round: 1}")
+    assert proc.returncode == 0, proc.stdout
+    check_reputation(wh, window=20)
+    rep, old = (
+        round_rows(mart(wh, "model_reputation"), 2),
+        round_rows(before["model_reputation"], 2),
+    )
+    in_round_1 = rep["model_id"].isin(
+        read(wh, "select model_id from tc_scores where round = 1")["model_id"]
+    )
+    changed = (rep["tc_mean"] - old["tc_mean"]).abs() > 1e-9
+    assert in_round_1.any() and (changed == in_round_1).all()
+    for m in ("round_leaderboard", "round_summary", "portfolio_leaderboard"):
+        pd.testing.assert_frame_equal(round_rows(mart(wh, m), 2), round_rows(before[m], 2))
 
 
 def test_a_payout_beyond_the_clip_fails_the_range_test(scored, tmp_path):

@@ -42,7 +42,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY = SyntheticSettings(stocks=300, features=12, models=30, seed=5)
+TINY = SyntheticSettings(stocks=600, features=12, models=30, seed=5)
 BUCKET, PREFIX = "tournament", "live"
 LOCATION = "tc_platform"
 PARTITION_TAG = "dagster/partition"

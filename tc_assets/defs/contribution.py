@@ -21,6 +21,7 @@ from tc_assets.scoring.optimizer import (
     PortfolioSpec,
     build_spec,
     check_constraints,
+    inexact_split,
     solve_portfolio,
 )
 
@@ -86,6 +87,13 @@ def meta_portfolio(
             sol = solve_portfolio(x, spec, label=str(r))
         except PortfolioSolveError as exc:
             raise _failure(exc, r) from exc
+    problem = inexact_split(sol, spec)
+    if problem is not None:  # not a tradable portfolio: fail before anything is written
+        raise dg.Failure(
+            description=f"round {r}: {problem}",
+            metadata={"round": r, "overlap": sol.long_short_overlap},
+            allow_retries=False,
+        )
     frame = pd.DataFrame({"weight": sol.weights, "swmm": x}, index=universe.index)
     warehouse.get().update_columns(
         "meta_model",
@@ -147,7 +155,15 @@ def meta_portfolio_constraints(
         description=(
             "every constraint holds within 1e-7"
             if not violations
-            else "; ".join(f"{v.constraint} off by {v.amount:.3g} at {v.index}" for v in violations)
+            else "; ".join(
+                f"{v.constraint} off by {v.amount:.3g}"
+                + (
+                    f" at {'feature' if v.constraint == 'exposure' else 'stock'} {v.index}"
+                    if v.index is not None
+                    else ""
+                )
+                for v in violations
+            )
         ),
         metadata={
             "violations": len(violations),
@@ -166,6 +182,9 @@ def meta_portfolio_constraints(
     group_name=GROUP,
     pool=WAREHOUSE_POOL,
     kinds={"torch", "duckdb"},
+    # After the meta portfolio and its blocking constraint check: TC differentiates that same
+    # problem, so a round whose portfolio is not valid gets no TC (and no payouts).
+    deps=[meta_portfolio],
 )
 def tc_scores(
     context: dg.AssetExecutionContext,

@@ -9,6 +9,7 @@ its paths from the environment; `tc-platform run` builds the same Definitions wi
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -63,9 +64,14 @@ def round_assets() -> list[dg.AssetsDefinition]:
 
 
 def build_definitions(
-    paths: PlatformPaths, automation: AutomationSettings | None = None
+    paths: PlatformPaths,
+    automation: AutomationSettings | None = None,
+    loggers: Mapping[str, dg.LoggerDefinition] | None = None,
 ) -> dg.Definitions:
     """The platform's Definitions with resources bound to `paths`.
+
+    `loggers` replaces Dagster's default console logger (the command line adds its compact
+    progress logger this way); the UI and the daemon use the default.
 
     The close schedule and the sensors (automation.py) target the two round jobs; their
     settings default to the TC_* environment variables. Runs execute in process (one process
@@ -92,6 +98,7 @@ def build_definitions(
         schedules=[*schedules, *_collect("schedules")],
         sensors=[*sensors, *_collect("sensors")],
         executor=dg.in_process_executor,
+        loggers=dict(loggers) if loggers else None,
         resources={
             "round_source": RoundSourceResource.for_uri(paths.source),
             "warehouse": WarehouseResource(path=paths.warehouse),

@@ -24,6 +24,7 @@ from tc_assets.io.ingest import (
 )
 
 GROUP = "ingestion"
+PROGRESS_MIN_FILES = 200  # rounds with at least this many submission files log read progress
 
 
 def _out(description: str) -> dg.AssetOut:
@@ -57,7 +58,8 @@ def round_inputs(
     source = round_source.open()
 
     def progress(kind: str, done: int, total: int) -> None:
-        context.log.info(f"round {r}: read {done}/{total} {kind} files")
+        if total >= PROGRESS_MIN_FILES:  # a small round reads in a blink: one line at the end
+            context.log.info(f"round {r}: read {done}/{total} {kind} files")
 
     with timer() as t_read:
         try:

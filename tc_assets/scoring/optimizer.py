@@ -22,7 +22,8 @@ solves
 Splitting w into l and s makes the problem convex. The split is exact (never both l_i > 0 and
 s_i > 0) whenever the budget multipliers satisfy nu_l + nu_s >= 0, i.e. whenever the fund would
 rather be more than 1 long and 1 short: true unless gamma is large against the signal's spread;
-`PortfolioSolution.long_short_overlap` reports it and `check_constraints` on w would flag it.
+`PortfolioSolution.long_short_overlap` reports it, `inexact_split` explains it (a universe too
+small for the position caps) and `check_constraints` on w flags it.
 
 Two solvers are built from one `PortfolioSpec`: `build_cvxpy_problem` (a DPP cvxpy problem whose
 parameter is x, used by the cvxpylayers reference engine and as an independent check), and the
@@ -47,6 +48,7 @@ __all__ = [
     "build_cvxpy_problem",
     "build_spec",
     "check_constraints",
+    "inexact_split",
     "solve_portfolio",
 ]
 
@@ -251,6 +253,11 @@ class PortfolioSolution:
     exposure_multipliers: np.ndarray
     budget_multipliers: tuple[float, float]
 
+    @property
+    def overlapping_positions(self) -> int:
+        """Stocks held both long and short (0 when the l/s split is exact)."""
+        return int(np.count_nonzero(np.minimum(self.long, self.short) > 0))
+
     def realized_return(self, target: np.ndarray) -> float:
         """R = w . t with t the centered target (or return) of the round."""
         t = np.asarray(target, dtype=np.float64)
@@ -279,6 +286,34 @@ def solve_portfolio(
         solver = DualNewtonSolver(spec, device=device, kkt_tol=kkt_tol, max_iter=max_iter)
         batch = solver.solve_or_raise(np.asarray(x, dtype=np.float64)[None, :], label=label)
         return batch.solution(0, spec)
+
+
+def inexact_split(
+    solution: PortfolioSolution, spec: PortfolioSpec, tol: float = 1e-9
+) -> str | None:
+    """Why the solution's w = l - s is not a valid portfolio, or None when the split is exact.
+
+    The l/s problem is the convex form of "longs sum to 1, shorts sum to 1" only while the fund
+    wants its full gross (budget multipliers nu_l + nu_s >= 0). When the universe is small for
+    the position caps (each side needs at least 1 / max_position names) and the quadratic term
+    is strong, the optimum spreads over both sides of the same stocks and the net w has less
+    than 1 long and 1 short. That portfolio cannot be traded as specified; this says so, with
+    the settings that fix it.
+    """
+    if solution.long_short_overlap <= tol:
+        return None
+    nu_l, nu_s = solution.budget_multipliers
+    w = solution.weights
+    return (
+        f"the optimizer holds {solution.overlapping_positions} stocks both long and short "
+        f"(largest overlap {solution.long_short_overlap:.3g}), so the net portfolio is "
+        f"{np.maximum(w, 0).sum():.4f} long and {np.maximum(-w, 0).sum():.4f} short instead of "
+        f"1 and 1: the budget prices nu_l + nu_s = {nu_l + nu_s:.3g} < 0 mean the fund would "
+        f"rather hold less than its full gross. The universe of {spec.n_stocks} stocks is too "
+        f"small for these caps (each side needs at least {1 / spec.caps.max():.0f} names, the "
+        f"caps sum to {spec.caps.sum():.2f} per side) at gamma {spec.gamma:g}: lower gamma or "
+        "raise max_position (the optimizer resource's settings)."
+    )
 
 
 @dataclass(frozen=True)

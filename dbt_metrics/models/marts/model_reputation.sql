@@ -2,6 +2,8 @@
 -- up to R (R included when resolved) of corr, tc, fnc_v3 and payout return (payout / stake,
 -- staked rounds only), each with the number of rounds behind it. A model missing from a
 -- round of the window has fewer rounds behind its figures; window_rounds counts the window.
+-- A run for round R rebuilds R and every later round: their windows may look back over R, so
+-- re-scoring (or first scoring) an earlier round never leaves later reputations stale.
 {%- set window = var('reputation_window') | int %}
 {%- if window < 1 %}
     {{ exceptions.raise_compiler_error("var reputation_window must be >= 1, got " ~ window) }}
@@ -10,7 +12,7 @@
 with as_of as (
     select round as as_of_round
     from {{ ref('stg_rounds') }}
-    where {{ round_filter() }}
+    where {{ round_filter(op='>=') }}
 ),
 
 windows as (
