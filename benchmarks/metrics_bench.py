@@ -2,7 +2,8 @@
 
 The step = SWMM (``meta_model.swmm``), feature-only metrics with every exposure
 (``metrics.feature_metrics``) and target metrics (``metrics.target_metrics``) for every model
-of a generated round (``tc_assets.io.synthetic``, defaults 5,000 stocks x 420 medium features x
+of a generated round, and the DuckDB writes of the metrics assets (the long
+``feature_exposures`` table is models x features rows) (``tc_assets.io.synthetic``, defaults 5,000 stocks x 420 medium features x
 5,000 models). In the same run, ``numerai_tools.scoring`` scores ``--reference-models`` of those
 models one by one (numerai_corr, correlation_contribution, feature_neutral_corr with and without
 top_bottom, a Pearson per feature for the exposures), which gives the speed ratio; the results
@@ -37,10 +38,12 @@ import pyarrow.parquet as pq
 from numerai_tools import scoring as ns
 
 from tc_assets.io.synthetic import SyntheticSettings, generate_source
+from tc_assets.io.warehouse import Warehouse
 from tc_assets.scoring.meta_model import swmm
 from tc_assets.scoring.metrics import (
     MODEL_METRICS,
     MetricsSettings,
+    exposures_long,
     feature_metrics,
     target_metrics,
 )
@@ -140,19 +143,41 @@ def metrics_step(
     cfg: MetricsSettings,
     timings: dict[str, float],
     meta_model: pd.Series | None = None,
+    warehouse: Warehouse | None = None,
 ) -> pd.DataFrame:
     """The step for the models of ``predictions``: SWMM (unless given), feature and target
-    metrics."""
+    metrics and, with a warehouse, writing what the assets write (meta_model, the long
+    feature_exposures table, exposure_metrics, model_metrics) as they do."""
     t0 = time.perf_counter()
     if meta_model is None:
         meta_model = swmm(d.predictions, d.stakes)
     t1 = time.perf_counter()
-    per_model, _exposures = feature_metrics(predictions, d.features, d.example, cfg)
+    per_model, exposures = feature_metrics(predictions, d.features, d.example, cfg)
     t2 = time.perf_counter()
     target = target_metrics(predictions, d.features, d.target, meta_model, cfg)
     t3 = time.perf_counter()
-    timings |= {"swmm": t1 - t0, "feature_metrics": t2 - t1, "target_metrics": t3 - t2}
-    return target.join(per_model)[list(MODEL_METRICS)]
+    metrics = target.join(per_model)[list(MODEL_METRICS)]
+    if warehouse is not None:
+        swmm_rows = pd.DataFrame(
+            {"id": meta_model.index.to_numpy(), "swmm": meta_model.to_numpy(), "weight": np.nan}
+        )
+        warehouse.write_round(1, {"meta_model": swmm_rows})
+        warehouse.write_round(
+            1,
+            {
+                "feature_exposures": exposures_long(exposures),
+                "exposure_metrics": per_model.reset_index(),
+            },
+        )
+        warehouse.write_round(1, {"model_metrics": metrics.reset_index()})
+    t4 = time.perf_counter()
+    timings |= {
+        "swmm": t1 - t0,
+        "feature_metrics": t2 - t1,
+        "target_metrics": t3 - t2,
+        "write": t4 - t3,
+    }
+    return metrics
 
 
 def numerai_per_model(d: RoundData, models: list[str], meta_model: pd.Series) -> pd.DataFrame:
@@ -236,9 +261,10 @@ def main() -> None:
 
     # 1. The whole step, every model.
     timings: dict[str, float] = {}
-    with PeakRss() as mem:
+    with tempfile.TemporaryDirectory(prefix="metrics_bench_wh_") as wh_dir, PeakRss() as mem:
+        warehouse = Warehouse(Path(wh_dir) / "warehouse.duckdb")
         t = time.perf_counter()
-        ours = metrics_step(d, d.predictions, cfg, timings)
+        ours = metrics_step(d, d.predictions, cfg, timings, warehouse=warehouse)
         step_s = time.perf_counter() - t
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -265,6 +291,7 @@ def main() -> None:
         ("step: swmm", f"{timings['swmm']:.2f} s"),
         ("step: feature_metrics (exposures, dissimilarity)", f"{timings['feature_metrics']:.2f} s"),
         ("step: target_metrics (corr, mmc, fnc_v3, tb200)", f"{timings['target_metrics']:.2f} s"),
+        ("step: DuckDB writes (4 tables, long exposures)", f"{timings['write']:.2f} s"),
         ("step: total, all models", f"{step_s:.2f} s  ({1e3 * per_model_ours:.2f} ms/model)"),
         ("step: BLAS threads, block size", f"{cfg.blas_threads or 'default'}, {cfg.block_models}"),
         ("peak RSS during step (sampled 2 ms)", f"{mem.peak / GIB:.2f} GiB"),
@@ -288,8 +315,20 @@ def main() -> None:
     for name, value in rows:
         print(f"{name:<{width}}   {value}")
     print("\nmax |ours - numerai| by metric: " + ", ".join(f"{c} {v:.1e}" for c, v in diff.items()))
-    targets = {"time < 60 s": step_s < 60, "peak RSS < 8 GiB": mem.peak < 8 * GIB}
-    targets["ratio >= 20x"] = per_model_ref / per_model_ours >= 20
+    nan_mismatch = int(
+        (ours.loc[models, list(MODEL_METRICS)].isna() != ref[list(MODEL_METRICS)].isna())
+        .sum()
+        .sum()
+    )
+    print(f"values NaN in one and not the other: {nan_mismatch}")
+    # Memory: the kernel's exact peak (ru_maxrss) covers loading the round too, so it bounds
+    # the step's peak from above; the sampled RSS can miss a short spike.
+    targets = {
+        "time < 60 s": step_s < 60,
+        "peak memory < 8 GiB": max(mem.peak, maxrss) < 8 * GIB,
+        f"ratio on the same {k} models >= 20x": ref_s / ours_k_s >= 20,
+        "equal to numerai-tools within 1e-9": bool(diff.max() <= 1e-9) and nan_mismatch == 0,
+    }
     print(
         "targets: "
         + ", ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in targets.items())

@@ -144,7 +144,13 @@ def _worker(kind: str, data: Path, bags: int, device: str, threads: int | None) 
         built = time.perf_counter()
         t = torch.as_tensor(target - target.mean())
         grad, ret = _layer_returns(
-            layer, torch.as_tensor(p), stakes, t, masks[:1], 0.5, solver_args(settings)
+            layer,
+            torch.as_tensor(p),
+            stakes,
+            t,
+            masks[:1],
+            1.0 - settings.dropout,
+            solver_args(settings),
         )
         done = time.perf_counter()
         out = base | {
@@ -177,7 +183,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", choices=["generated", "arrays"], default="generated")
     ap.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: TCSettings.cpu_threads, i.e. 1)",
     )
     ap.add_argument("--no-reference", action="store_true", help="skip the cvxpylayers bag")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")

@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-DEMO_ROUNDS = "1-6"
+# Eight rounds: enough for the TC proxy model's first window (ProxySettings.min_rounds).
+DEMO_ROUNDS = "1-8"
 
 
 def _home() -> Path:

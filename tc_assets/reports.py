@@ -97,6 +97,17 @@ def model_reputation(warehouse: Warehouse, round_number: int) -> pd.DataFrame | 
     )
 
 
+def proxy_importance(warehouse: Warehouse, window_end: int) -> tuple[pd.DataFrame, pd.Series]:
+    """The TC proxy's terms (by importance) and fit of the window ending at `window_end`."""
+    terms = warehouse.query(
+        "SELECT term, importance, share, monotonicity FROM tc_proxy_importance "
+        "WHERE window_end = ? ORDER BY rank",
+        [int(window_end)],
+    )
+    fit = warehouse.query("SELECT * FROM tc_proxy_fit WHERE window_end = ?", [int(window_end)])
+    return terms, fit.iloc[0]
+
+
 def print_demo_report(warehouse_path: str, rounds: Sequence[int]) -> None:
     """Print what a newcomer should see after the demo."""
     wh = Warehouse(warehouse_path)
@@ -134,3 +145,14 @@ def print_demo_report(warehouse_path: str, rounds: Sequence[int]) -> None:
             f"tc first{f'; top {shown} of {len(reputation)}' if len(reputation) > shown else ''})"
         )
         print(reputation.head(shown).to_string(**fmt))
+    windows = [r for r in wh.partitions("tc_proxy_fit") if r in set(rounds)]
+    if windows:
+        terms, fit = proxy_importance(wh, max(windows))
+        print(
+            f"\nWhat explains TC (EBM over rounds {int(fit['first_round'])}-{max(windows)}, "
+            f"{int(fit['rows'])} model-rounds; held-out R^2 {fit['held_out_r2']:.3f} on the last "
+            f"{int(fit['held_out_rounds'])} rounds; monotonicity = Spearman of the shape "
+            "function against its input)"
+        )
+        print(terms.to_string(**fmt))
+        print(f"plots: {fit['importance_plot']}\n       {fit['shapes_plot']}")

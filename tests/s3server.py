@@ -92,6 +92,7 @@ class FaultyProxy:
     `fail(n)`: the next n requests get 503 SlowDown (botocore retries those).
     `truncate(n)`: the next n GET responses with a body send half of it, then close.
     `deny(text)`: every request whose path contains `text` gets 403 AccessDenied ('' lifts it).
+    `unavailable(text)`: every request whose path contains `text` gets 503 SlowDown ('' lifts it).
     `requests` counts what reached the proxy.
     """
 
@@ -101,6 +102,7 @@ class FaultyProxy:
         self._fail = 0
         self._truncate = 0
         self._deny = ""
+        self._unavailable = ""
         self._lock = threading.Lock()
         proxy = self
 
@@ -118,6 +120,7 @@ class FaultyProxy:
                     cut = self.command == "GET" and proxy._truncate > 0
                     proxy._truncate -= cut
                     deny = bool(proxy._deny) and proxy._deny in self.path
+                fail = fail or (bool(proxy._unavailable) and proxy._unavailable in self.path)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 if fail or deny:
@@ -169,6 +172,10 @@ class FaultyProxy:
     def deny(self, text: str) -> None:
         with self._lock:
             self._deny = text
+
+    def unavailable(self, text: str) -> None:
+        with self._lock:
+            self._unavailable = text
 
     def truncate(self, n: int) -> None:
         with self._lock:

@@ -366,6 +366,24 @@ def test_changes_in_s3_are_seen_by_etag_without_downloads(source, tmp_path):
     assert a.RoundState.observe(rs, 1, a.round_stamps(rs, 1)) == grown
 
 
+def test_a_rewrite_that_keeps_size_and_mtime_is_still_seen(local_source):
+    """Locally the stamp holds ctime and inode too: same-size new bytes with the old mtime put
+    back still change the round's state (content hashes are compared, not times)."""
+    local_source.publish([1])
+    rs = RoundSourceResource.for_uri(local_source.uri).open()
+    state = a.RoundState.observe(rs, 1, a.round_stamps(rs, 1))
+    path = local_source.root / "rounds/1/stakes.csv"
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    i = data.rindex(b"1")  # a digit of the last row's tc_multiplier or stake
+    data[i : i + 1] = b"2"
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    after = a.RoundState.observe(rs, 1, a.round_stamps(rs, 1), previous=state)
+    assert after.inputs != state.inputs
+
+
 def test_rounds_already_scored_by_a_full_run_are_adopted(local_source, instance, tmp_path):
     """A round run by `tc-platform run` before the daemon started is neither re-ingested nor
     re-scored; a later change to it is picked up."""

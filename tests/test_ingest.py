@@ -1,5 +1,6 @@
 """Ingestion per the contract, through the real Dagster assets, the real warehouse and generated rounds."""
 
+import json
 import shutil
 
 import dagster as dg
@@ -179,8 +180,30 @@ def test_unresolved_round_is_reported_awaiting_resolution(fresh_source, tmp_path
     assert result.success  # not a failure: the target-dependent steps are skipped
     logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
     assert any("awaiting resolution" in m for m in logs)
-    assert Warehouse(paths.warehouse).read_round("resolved", 2).empty
-    assert len(Warehouse(paths.warehouse).read_round("universe", 2)) > 0
+    wh = Warehouse(paths.warehouse)
+    assert wh.read_round("resolved", 2).empty
+    assert len(wh.read_round("universe", 2)) > 0
+    # What needs no target is computed at close; what needs one is not.
+    for table in ("meta_model", "feature_exposures", "exposure_metrics"):
+        assert len(wh.read_round(table, 2)) > 0, table
+    assert "model_metrics" not in wh.table_names() or wh.read_round("model_metrics", 2).empty
+
+    # Materializing a target-dependent asset on its own says why it cannot run.
+    alone = defs.resolve_job_def("score_round").execute_in_process(
+        instance=instance,
+        partition_key="2",
+        asset_selection=[dg.AssetKey("model_metrics")],
+        raise_on_error=False,
+    )
+    assert not alone.success
+    (failure,) = [e for e in alone.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    error = failure.step_failure_data.error
+    assert error.cls_name == "Failure" and "awaiting resolution" in error.message
+
+
+def _edit_round_json(root, **changes) -> None:
+    path = root / "rounds/1/round.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
 @pytest.mark.parametrize(
@@ -195,9 +218,36 @@ def test_unresolved_round_is_reported_awaiting_resolution(fresh_source, tmp_path
             lambda root: shutil.copy(root / "rounds/2/round.json", root / "rounds/1/round.json"),
             "says round 2",
         ),
+        (lambda root: _edit_round_json(root, close_time=None), "close_time None is not"),
+        (lambda root: _edit_round_json(root, open_time=""), "open_time '' is not"),
+        (lambda root: _edit_round_json(root, payout=[]), "'payout' must be an object"),
+        (lambda root: _edit_round_json(root, payout={"clip": True}), "clip must be a number"),
+        (lambda root: _edit_round_json(root, payout={"clip": 7}), r"clip must be in \(0, 1\]"),
+        (
+            lambda root: _edit_round_json(root, payout={"stake_threshold": -1}),
+            "stake_threshold must be positive",
+        ),
     ],
 )
 def test_bad_required_inputs_fail_with_a_clear_error(fresh_source, mutate, message):
     mutate(fresh_source)
     with pytest.raises(c.RoundInputError, match=message):
         ingest_round(LocalRoundSource(fresh_source), 1)
+
+
+def test_model_ids_that_look_like_missing_values_are_kept(fresh_source):
+    """'NA', 'null' and 'nan' are valid model ids (contract pattern): read as text, not as
+    missing, in stakes.csv and as file names; an id column value 'NA' is an id too."""
+    rnd = fresh_source / "rounds/1"
+    stakes = pd.read_csv(rnd / "stakes.csv", dtype={"model_id": str}, keep_default_na=False)
+    first = sorted((rnd / "predictions").glob("*.csv"))[0]
+    names = ["NA", "null", "nan"]
+    for name in names:
+        shutil.copy(first, rnd / "predictions" / f"{name}.csv")
+    extra = pd.DataFrame(
+        {"model_id": names, "stake": 10.0, "corr_multiplier": 0.5, "tc_multiplier": 1.0}
+    )
+    pd.concat([stakes, extra]).to_csv(rnd / "stakes.csv", index=False)
+    inputs = ingest_round(LocalRoundSource(fresh_source), 1)
+    assert set(names) <= set(inputs.predictions.columns) and set(names) <= set(inputs.stakes.index)
+    assert (inputs.stakes.loc[names, "stake"] == 10.0).all()

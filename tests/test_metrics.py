@@ -83,7 +83,7 @@ def computed(rnd: Round) -> pd.DataFrame:
     mm = swmm(rnd.predictions, rnd.stakes)
     tm = target_metrics(rnd.predictions, rnd.features, rnd.target, mm)
     fm, exposures = feature_metrics(rnd.predictions, rnd.features, rnd.example)
-    return tm.join(fm).join(exposures)
+    return tm.join(fm.drop(columns="max_exposure_feature")).join(exposures)
 
 
 def numerai_reference(
@@ -326,8 +326,13 @@ def test_duplicates_get_identical_metrics(rnd: Round, computed: pd.DataFrame) ->
 
 def test_feature_metrics_need_no_target_and_long_table(rnd: Round) -> None:
     per_model, exposures = feature_metrics(rnd.predictions, rnd.features, rnd.example)
-    assert list(per_model.columns) == ["max_feature_exposure", "exposure_dissimilarity"]
+    assert list(per_model.columns) == [
+        "max_feature_exposure",
+        "exposure_dissimilarity",
+        "max_exposure_feature",
+    ]
     assert exposures.shape == (rnd.predictions.shape[1], rnd.features.shape[1])
+    assert (per_model["max_exposure_feature"] == exposures.abs().idxmax(axis=1)).all()
     long = exposures_long(exposures)
     assert list(long.columns) == ["model_id", "feature", "exposure"]
     assert len(long) == exposures.size
@@ -401,3 +406,19 @@ def test_bad_input_raises_clear_error(case: str, error: type[Exception], match: 
     if case not in {"foreign_target_ids", "no_target", "meta_model_gap"}:
         with pytest.raises(error, match=match):
             feature_exposures(preds, feats)
+
+
+def test_a_model_without_any_defined_exposure_gets_nan_feature_metrics() -> None:
+    """Constant predictions have no Pearson exposure to any feature: every feature-only metric
+    is undefined (NaN), not a dissimilarity of 1 from an all-zero exposure vector."""
+    ids = pd.Index([f"i{j:03d}" for j in range(50)])
+    rng = np.random.default_rng(1)
+    preds = pd.DataFrame({"a": rng.random(50), "flat": 0.5}, index=ids)
+    feats = pd.DataFrame(rng.integers(0, 5, (50, 4)).astype(float), index=ids)
+    example = pd.Series(rng.random(50), index=ids)
+    per_model, exposures = feature_metrics(preds, feats, example)
+    assert exposures.loc["flat"].isna().all()
+    assert np.isnan(per_model.loc["flat", "max_feature_exposure"])
+    assert np.isnan(per_model.loc["flat", "exposure_dissimilarity"])
+    assert per_model.loc["flat", "max_exposure_feature"] is None
+    assert per_model.loc["a"].notna().all()

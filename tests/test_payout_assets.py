@@ -10,7 +10,7 @@ import pytest
 
 from tc_assets.defs.definitions import INGEST_ROUND_JOB
 from tc_assets.defs.partitions import ROUNDS_PARTITIONS_NAME
-from tc_assets.defs.payouts import CLIP_CHECK
+from tc_assets.defs.payouts import CLIP_CHECK, PORTFOLIO_CLIP_CHECK
 from tc_assets.io.warehouse import Warehouse
 from tc_assets.reports import leaderboard, print_demo_report
 from tests.conftest import SMALL, make_source, platform, run_job
@@ -56,6 +56,11 @@ def _materialization(instance, key: str, round_number: int) -> dict:
     return records[0].asset_materialization.metadata
 
 
+def _first_column(markdown: str) -> list[str]:
+    """The first cell of each body row of a markdown table."""
+    return [line.split("|")[1].strip() for line in markdown.splitlines()[2:] if "|" in line]
+
+
 def test_payouts_metadata_and_clip_check(scored):
     paths, instance, results = scored
     wh = Warehouse(paths.warehouse)
@@ -70,8 +75,12 @@ def test_payouts_metadata_and_clip_check(scored):
         best = table.loc[table["payout"].idxmax(), "model_id"]
         worst = table.loc[table["payout"].idxmin(), "model_id"]
         assert best in gains.splitlines()[2] and worst in losses.splitlines()[2]
-        checks = [e for e in results[r].get_asset_check_evaluations() if e.check_name == CLIP_CHECK]
-        assert len(checks) == 1 and checks[0].passed
+        paid = table.set_index("model_id")["payout"]
+        assert all(paid[m] > 0 for m in _first_column(gains))
+        assert all(paid[m] < 0 for m in _first_column(losses))
+        for name in (CLIP_CHECK, PORTFOLIO_CLIP_CHECK):
+            checks = [e for e in results[r].get_asset_check_evaluations() if e.check_name == name]
+            assert len(checks) == 1 and checks[0].passed, name
         clip = wh.query("SELECT clip FROM rounds WHERE round = ?", [r])["clip"].iloc[0]
         assert (table["payout"].abs() <= clip * table["stake"] * (1 + 1e-12)).all()
 

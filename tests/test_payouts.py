@@ -82,13 +82,14 @@ def test_classic_payouts_of_a_hand_computed_round():
     # Valid staked: a, b, c, e, f (d has no submission) -> S = 144000 -> factor 72000/S = 0.5.
     # a: 1 * 0.02 + 2 * 0.01 = 0.04 -> 0.5 * 0.04 = 0.02 -> 100000 * 0.02 = 2000
     # b: 0.5 * -0.04 + 3 * -0.03 = -0.11 -> -0.055 -> clipped -0.05 -> -1000
-    # c: stake 0 -> 0 (tc unknown but not elected)
+    # c: stake 0 -> 0 (tc unknown but not elected; its score is beyond the clip, but a zero
+    #    stake is not counted as clipped)
     t = out.table.set_index("model_id")
     assert list(t.index) == ["a", "b", "c"]
     np.testing.assert_allclose(t["payout_factor"], 0.5)
     np.testing.assert_allclose(t["score"], [0.04, -0.11, 0.10])
     np.testing.assert_allclose(t["payout"], [2000.0, -1000.0, 0.0])
-    assert list(t["clipped"]) == [False, True, True]
+    assert list(t["clipped"]) == [False, True, False]
     assert t.loc["a", "corr_multiplier"] == 1.0 and t.loc["b", "tc_multiplier"] == 3.0
 
     reasons = out.unpaid.set_index("model_id")["reason"]
@@ -103,7 +104,7 @@ def test_classic_payouts_of_a_hand_computed_round():
     assert (s.no_valid_submission, s.staked_no_valid_submission) == (1, 1)
     assert (s.portfolio_only, s.unscored, s.submitted_without_stake_row) == (1, 1, 1)
     assert s.total_payout == pytest.approx(1000.0)
-    assert (s.total_gains, s.total_losses, s.clipped) == (2000.0, -1000.0, 2)
+    assert (s.total_gains, s.total_losses, s.clipped) == (2000.0, -1000.0, 1)
 
 
 def test_the_round_clip_and_threshold_come_from_round_info():

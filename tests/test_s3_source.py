@@ -11,9 +11,11 @@ import pandas as pd
 import pytest
 from dagster_aws.s3 import S3Resource
 
+from tc_assets.defs import ingest
 from tc_assets.defs.resources import RoundSourceResource
+from tc_assets.io.ingest import ingest_round
 from tc_assets.io.s3_source import S3RoundSource
-from tc_assets.io.source import LocalRoundSource, SourceError, open_source
+from tc_assets.io.source import LocalRoundSource, SourceError, SourceUnavailable, open_source
 from tc_assets.io.synthetic import SyntheticSettings, generate_source
 from tc_assets.io.warehouse import Warehouse
 from tests.conftest import platform, run_job
@@ -146,10 +148,37 @@ def test_transient_errors_are_retried(endpoint, local_source, monkeypatch):
         # Past the client's attempts the error surfaces, naming the file.
         proxy.fail(100)
         before = proxy.requests
-        with pytest.raises(SourceError, match="stakes.csv: SlowDown"):
+        with pytest.raises(SourceUnavailable, match="stakes.csv: SlowDown"):
             source.read_bytes("rounds/1/stakes.csv")
         assert proxy.requests - before == 3
         proxy.fail(0)
+
+        # A refusal is an answer, not an outage: a plain SourceError.
+        proxy.deny("stakes.csv")
+        with pytest.raises(SourceError, match="AccessDenied") as denied:
+            source.read_bytes("rounds/1/stakes.csv")
+        assert not isinstance(denied.value, SourceUnavailable)
+        proxy.deny("")
+
+
+def test_an_unreachable_submission_fails_the_round_instead_of_rejecting_it(
+    endpoint, local_source, monkeypatch
+):
+    """S3 keeps answering 503 for the prediction files: ingestion raises SourceUnavailable
+    (the step is retried by its retry policy) instead of rejecting models as unreadable."""
+    with FaultyProxy(endpoint) as proxy:
+        for key, value in s3_env(proxy.endpoint).items():
+            monkeypatch.setenv(key, value)
+        s3 = S3Resource(endpoint_url=proxy.endpoint, max_attempts=1)
+        source = RoundSourceResource(uri=f"s3://{BUCKET}/{PREFIX}", s3=s3).open()
+        source.retry_delay_s = 0.01
+        proxy.unavailable("/predictions/")
+        with pytest.raises(SourceUnavailable, match="predictions"):
+            ingest_round(source, 1, workers=2)
+        proxy.unavailable("")
+        assert len(ingest_round(source, 1, workers=2).predictions.columns) > 0
+    for asset in (ingest.round_inputs, ingest.resolved):
+        assert asset.op.retry_policy is not None and asset.op.retry_policy.max_retries >= 1
 
 
 def test_client_retry_settings_come_from_the_s3_resource(s3_environment):

@@ -167,12 +167,14 @@ def _is_round_input(rel: str, base: str) -> bool:
 
 
 def _local_stamps(source: LocalRoundSource, base: str) -> dict[str, str]:
-    """size:mtime of every file under rounds/<R>/ (one level of sub-folders) and features.json."""
+    """size:mtime:ctime:inode of every file under rounds/<R>/ (one level of sub-folders) and
+    features.json. Any write changes ctime (which, unlike mtime, cannot be set back), and a
+    file replaced by a rename gets a new inode: a rewrite never keeps the stamp."""
     out: dict[str, str] = {}
 
     def add(path: Path, rel: str) -> None:
         st = path.stat()
-        out[rel] = f"{st.st_size}:{st.st_mtime_ns}"
+        out[rel] = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
     try:
         add(source.root / c.FEATURES_FILE, c.FEATURES_FILE)
@@ -196,8 +198,8 @@ def round_stamps(source: RoundSource, round_number: int) -> dict[str, str]:
     """A change stamp for every file of the round that ingestion reads, keyed by path.
 
     Cheap: listings and stats, no reads. On S3 the stamp is the ETag (itself a content hash);
-    locally it is size and modification time, so a stamp that did not change means the file
-    did not, and a changed stamp means the file must be hashed to know.
+    locally it is size, modification and change times and inode, so a stamp that did not
+    change means the file did not, and a changed stamp means the file must be hashed to know.
     """
     base = source.round_path(round_number)
     if isinstance(source, S3RoundSource):
@@ -420,7 +422,9 @@ def new_rounds(
         requests.append(
             dg.RunRequest(
                 partition_key=key,
-                run_key=f"new-round-{key}",
+                # Run keys are remembered by Dagster for good: the files' stamp in the key lets
+                # a round whose cursor entry was lost (a cursor reset) be ingested again.
+                run_key=f"new-round-{key}-{stamp[:12]}",
                 tags={TAG_REASON: REASON_NEW_ROUND, TAG_INPUT_STAMP: stamp},
             )
         )
@@ -572,7 +576,11 @@ def changed_rounds(
     requests: list[dg.RunRequest] = []
     notes: list[str] = []
     deferred = hashed = 0
-    for key in sorted(instance.get_dynamic_partitions(ROUNDS_PARTITIONS_NAME), key=int):
+    keys = instance.get_dynamic_partitions(ROUNDS_PARTITIONS_NAME)
+    strays = [k for k in keys if not c.ROUND_DIR_PATTERN.fullmatch(k)]
+    if strays:  # added by hand in the UI: not a round of the source
+        notes.append(f"partitions that are not round numbers ignored: {strays}")
+    for key in sorted((k for k in keys if k not in strays), key=int):
         if key in busy:
             continue
         r = int(key)
@@ -642,7 +650,9 @@ def _scoring_request(
     count = cursor.mark_scored(key, state)
     return dg.RunRequest(
         partition_key=key,
-        run_key=f"changes-{key}-{count}",
+        # Unique per content and request: after a cursor reset (count restarts) a request for
+        # content not scored before still gets a new key, so Dagster does not drop it.
+        run_key=f"changes-{key}-{count}-{state.inputs[:12]}-{(state.resolved or 'none')[:12]}",
         asset_selection=selection,
         tags={
             TAG_REASON: reason,

@@ -19,7 +19,7 @@ import dagster as dg
 from tc_assets.defs import checks, contribution, ingest, metrics, payouts, proxy, reporting
 from tc_assets.defs.automation import AutomationSettings, build_automation
 from tc_assets.defs.partitions import rounds_partitions
-from tc_assets.defs.resources import RoundSourceResource, WarehouseResource
+from tc_assets.defs.resources import RoundSourceResource, RoundStorage, WarehouseResource
 
 AREAS: list[ModuleType] = [ingest, checks, metrics, contribution, payouts, proxy, reporting]
 
@@ -102,7 +102,7 @@ def build_definitions(
         resources={
             "round_source": RoundSourceResource.for_uri(paths.source),
             "warehouse": WarehouseResource(path=paths.warehouse),
-            "io_manager": dg.FilesystemIOManager(base_dir=paths.storage),
+            "io_manager": RoundStorage(base_dir=paths.storage),
             **{key: res for area in AREAS for key, res in getattr(area, "resources", {}).items()},
         },
     )

@@ -24,6 +24,12 @@ from tc_assets.io.ingest import (
 )
 
 GROUP = "ingestion"
+# A round source that cannot be reached (SourceUnavailable: S3 throttling or a server error past
+# the client's own retries, a broken connection) fails the step, which Dagster runs again after
+# 30 s, 60 s and 120 s. A bad input is a dagster.Failure without retries: retrying cannot help.
+SOURCE_RETRY = dg.RetryPolicy(
+    max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
 PROGRESS_MIN_FILES = 200  # rounds with at least this many submission files log read progress
 
 
@@ -46,6 +52,7 @@ def _out(description: str) -> dg.AssetOut:
     partitions_def=rounds_partitions,
     pool=WAREHOUSE_POOL,
     can_subset=False,
+    retry_policy=SOURCE_RETRY,
 )
 def round_inputs(
     context: dg.AssetExecutionContext,
@@ -168,6 +175,7 @@ def _outputs(inputs: RoundInputs, counts: dict[str, int], read_s: float, write_s
     pool=WAREHOUSE_POOL,
     output_required=False,
     kinds={"pandas", "duckdb"},
+    retry_policy=SOURCE_RETRY,
 )
 def resolved(
     context: dg.AssetExecutionContext,

@@ -98,10 +98,6 @@ def feature_exposures(
         per_model, exposures = feature_metrics(
             predictions, _medium(universe, round_info), example_predictions, config
         )
-    abs_exp = exposures.abs()
-    has_any = abs_exp.notna().any(axis=1)
-    per_model["max_exposure_feature"] = None
-    per_model.loc[has_any, "max_exposure_feature"] = abs_exp[has_any].idxmax(axis=1)
     warehouse.get().write_round(
         r,
         {

@@ -28,6 +28,7 @@ from tc_assets.scoring.payouts import PayoutRules, classic_payouts, payout_facto
 
 GROUP = "payouts"
 CLIP_CHECK = "payouts_within_clip"
+PORTFOLIO_CLIP_CHECK = "portfolio_payouts_within_clip"
 CLIP_TOLERANCE = 1e-12  # slack of the clip check on payout / stake (floating point)
 
 
@@ -107,7 +108,8 @@ def payouts(
             r, {"payouts": result.table, "payout_summary": pd.DataFrame([summary])}
         )
     table = result.table
-    ranked = table[table["payout"] != 0].sort_values("payout")
+    gains = table[table["payout"] > 0].sort_values("payout", ascending=False)
+    losses = table[table["payout"] < 0].sort_values("payout")
     shown = ["model_id", "stake", "corr", "tc", "corr_multiplier", "tc_multiplier", "payout"]
     return dg.Output(
         table,
@@ -120,8 +122,8 @@ def payouts(
             "total_gains": summary["total_gains"],
             "total_losses": summary["total_losses"],
             "clipped": summary["clipped"],
-            "largest_gains": markdown_table(ranked[shown].iloc[::-1].head(5), max_rows=5),
-            "largest_losses": markdown_table(ranked[shown].head(5), max_rows=5),
+            "largest_gains": markdown_table(gains[shown].head(5), max_rows=5),
+            "largest_losses": markdown_table(losses[shown].head(5), max_rows=5),
             "summary": _kv(
                 summary | {"stake_threshold": rules.stake_threshold, "clip": rules.clip}
             ),
@@ -132,25 +134,31 @@ def payouts(
     )
 
 
+def _within_clip(table: str, r: int, round_info: dict, warehouse: WarehouseResource):
+    """Every payout of `table` written for round r lies within +-clip * stake (read back from
+    the warehouse): payout / stake in [-clip, clip], and a zero stake pays exactly zero."""
+    clip = PayoutRules.from_round_info(round_info).clip
+    written = warehouse.get().read_round(table, r)
+    stake, paid = written["stake"].to_numpy(), written["payout"].to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(stake > 0, paid / stake, np.where(paid == 0, 0.0, np.inf))
+    values = pd.Series(ratio, index=written["model_id"], name="payout / stake")
+    return check_within(values, -clip, clip, tol=CLIP_TOLERANCE)
+
+
 @round_check(
     asset=payouts,
     name=CLIP_CHECK,
+    blocking=True,
     pool=WAREHOUSE_POOL,
     additional_ins={"round_info": dg.AssetIn("round_info")},
 )
 def payouts_within_clip(
     context: dg.AssetCheckExecutionContext, round_info: dict, warehouse: WarehouseResource
 ) -> dg.AssetCheckResult:
-    """Every payout written for the round lies within +-clip * stake (read back from the
-    warehouse): payout / stake in [-clip, clip], and a zero stake pays exactly zero."""
-    r = round_of(context)
-    clip = PayoutRules.from_round_info(round_info).clip
-    written = warehouse.get().read_round("payouts", r)
-    stake, paid = written["stake"].to_numpy(), written["payout"].to_numpy()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(stake > 0, paid / stake, np.where(paid == 0, 0.0, np.inf))
-    values = pd.Series(ratio, index=written["model_id"], name="payout / stake")
-    return check_within(values, -clip, clip, tol=CLIP_TOLERANCE)
+    """Every classic payout of the round lies within +-clip * stake (a zero stake pays zero).
+    Blocking: a payout beyond the clip is not published (the reports are not built)."""
+    return _within_clip("payouts", round_of(context), round_info, warehouse)
 
 
 # --- portfolio-weight submissions -----------------------------------------------------------
@@ -289,6 +297,20 @@ def portfolio_scores(
     return dg.Output(table, metadata=metadata)
 
 
+@round_check(
+    asset=portfolio_scores,
+    name=PORTFOLIO_CLIP_CHECK,
+    blocking=True,
+    pool=WAREHOUSE_POOL,
+    additional_ins={"round_info": dg.AssetIn("round_info")},
+)
+def portfolio_payouts_within_clip(
+    context: dg.AssetCheckExecutionContext, round_info: dict, warehouse: WarehouseResource
+) -> dg.AssetCheckResult:
+    """Every portfolio payout of the round lies within +-clip * stake (a zero stake pays zero)."""
+    return _within_clip("portfolio_scores", round_of(context), round_info, warehouse)
+
+
 # --- Sharpe contribution over a window of rounds --------------------------------------------
 
 
@@ -345,4 +367,4 @@ def sharpe_contribution_asset(
 
 
 assets = [payouts, portfolio_scores, sharpe_contribution_asset]
-asset_checks = [payouts_within_clip]
+asset_checks = [payouts_within_clip, portfolio_payouts_within_clip]

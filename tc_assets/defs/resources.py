@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.storage.fs_io_manager import PickledObjectFilesystemIOManager
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
@@ -60,3 +61,37 @@ class RoundSourceResource(dg.ConfigurableResource):
         if self.uri.startswith("s3://"):
             return S3RoundSource.from_uri(self.uri, client=self.s3.get_client())
         return LocalRoundSource(self.uri)
+
+
+class _RoundValues(PickledObjectFilesystemIOManager):
+    """Dagster's pickle-per-asset-partition storage; a missing upstream value is a clear error."""
+
+    def load_input(self, context: dg.InputContext) -> object:
+        try:
+            return super().load_input(context)
+        except FileNotFoundError:
+            key = context.asset_key.to_user_string() if context.has_asset_key else "?"
+            part = context.asset_partition_key if context.has_asset_partitions else None
+            where = f" of round {part}" if part is not None else ""
+            hint = (
+                " The round is awaiting resolution: `resolved` produces nothing until "
+                f"rounds/{part}/resolved.parquet arrives (the changes sensor then scores it)."
+                if key == "resolved"
+                else f" Materialize `{key}`{where} first (or the whole score_round job)."
+            )
+            raise dg.Failure(
+                description=f"`{key}`{where} has not been materialized, so it cannot be read.{hint}",
+                allow_retries=False,
+            ) from None
+
+
+class RoundStorage(dg.FilesystemIOManager):
+    """Where the assets' values live between steps and runs: one pickle per asset and round
+    under `base_dir`. Loading a value that was never produced (an asset materialized alone
+    before its inputs, or before the round resolved) fails with a message, not a stack trace."""
+
+    def create_io_manager(
+        self, context: dg.InitResourceContext
+    ) -> PickledObjectFilesystemIOManager:
+        base_dir = self.base_dir or context.instance.storage_directory()
+        return _RoundValues(base_dir=base_dir)

@@ -330,21 +330,31 @@ def validate_round_info(info: object, round_number: int) -> dict:
         )
     out = {"round": round_number}
     for key in ("open_time", "close_time", "resolve_time"):
-        if key in info and info[key] is not None:
-            try:
-                ts = pd.Timestamp(info[key])
-                out[key] = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-            except (ValueError, TypeError) as exc:
-                raise RoundInputError(f"{ROUND_FILE}: {key} {info[key]!r} is not a time") from exc
-        else:
+        value = info.get(key)
+        if value is None and key == "resolve_time":
             out[key] = None
-    payout = info.get("payout") or {}
+            continue
+        try:
+            if not isinstance(value, str):
+                raise TypeError
+            ts = pd.Timestamp(value)
+            if pd.isna(ts):  # "" and "NaT" parse to NaT
+                raise ValueError
+        except (ValueError, TypeError) as exc:
+            raise RoundInputError(
+                f"{ROUND_FILE}: {key} {value!r} is not an ISO 8601 time (e.g. 2026-12-01T13:00:00Z)"
+            ) from exc
+        out[key] = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+    payout = info.get("payout", {})
     if not isinstance(payout, dict):
-        raise RoundInputError(f"{ROUND_FILE}: 'payout' must be an object")
+        raise RoundInputError(f"{ROUND_FILE}: 'payout' must be an object, got {payout!r}")
     for key, default in (("stake_threshold", DEFAULT_STAKE_THRESHOLD), ("clip", DEFAULT_CLIP)):
         value = payout.get(key, default)
-        if not isinstance(value, int | float) or not np.isfinite(value) or value <= 0:
-            raise RoundInputError(f"{ROUND_FILE}: payout.{key} must be a positive number")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise RoundInputError(f"{ROUND_FILE}: payout.{key} must be a number, got {value!r}")
+        if not np.isfinite(value) or value <= 0 or (key == "clip" and value > 1):
+            bound = "in (0, 1]" if key == "clip" else "positive and finite"
+            raise RoundInputError(f"{ROUND_FILE}: payout.{key} must be {bound}, got {value!r}")
         out[key] = float(value)
     return out
 

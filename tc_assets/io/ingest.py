@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from tc_assets.io import contract as c
-from tc_assets.io.source import RoundSource, SourceError
+from tc_assets.io.source import RoundSource, SourceError, SourceUnavailable
 
 Progress = Callable[[str, int, int], None]
 
@@ -113,6 +113,8 @@ def _read_submissions(
     def one(model_id: str) -> tuple[str, c.Accepted | c.Rejection]:
         try:
             df = source.read_table(files[model_id])
+        except SourceUnavailable:
+            raise  # the file may be fine: fail the round (retried), never reject the model
         except SourceError as exc:
             return model_id, c.Rejection(c.Rule.UNREADABLE, str(exc).split(": ", 1)[-1][:500])
         return model_id, validate(df, live_ids)
@@ -150,7 +152,11 @@ def ingest_round(
     progress: Progress | None = None,
     workers: int = 8,
 ) -> RoundInputs:
-    """Read, validate and assemble one round. Raises RoundInputError on a bad required input."""
+    """Read, validate and assemble one round.
+
+    Raises RoundInputError on a bad required input (the round cannot be ingested as it is) and
+    SourceUnavailable when the source cannot be reached (try again later).
+    """
     t0 = time.perf_counter()
     r = int(round_number)
     try:
@@ -169,6 +175,8 @@ def ingest_round(
             allowed_corr_multipliers,
             allowed_tc_multipliers,
         )
+    except SourceUnavailable:
+        raise
     except SourceError as exc:
         raise c.RoundInputError(f"round {r}: {exc}") from exc
     except c.RoundInputError as exc:
@@ -228,6 +236,8 @@ def load_resolved(source: RoundSource, round_number: int, ids: pd.Index) -> pd.D
         return None
     try:
         return c.validate_resolved(source.read_table(rel), ids)
+    except SourceUnavailable:
+        raise
     except SourceError as exc:
         raise c.RoundInputError(f"round {round_number}: {exc}") from exc
     except c.RoundInputError as exc:

@@ -12,10 +12,26 @@ import os
 import time
 from typing import Any
 
-from tc_assets.io.source import RoundSource, SourceError
+from tc_assets.io.source import RoundSource, SourceError, SourceUnavailable
 
 # An S3-compatible endpoint (MinIO, a local moto server); unset means AWS itself.
 ENDPOINT_ENV = "TC_S3_ENDPOINT_URL"
+# Error codes of S3 answers that say "try again later", not "this file is bad or absent".
+TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "InternalError",
+        "ServiceUnavailable",
+        "500",
+        "502",
+        "503",
+        "504",
+    }
+)
 # Retries per request by botocore's retry handler (S3Resource.max_attempts; botocore makes
 # at most this many + 1 attempts, backing off exponentially with jitter, capped at 20 s).
 DEFAULT_MAX_ATTEMPTS = 8
@@ -91,11 +107,10 @@ class S3RoundSource(RoundSource):
                 response = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
                 return response["Body"].read()
             except ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code", "")
-                raise SourceError(f"{self.uri}/{rel}: {code or exc}") from exc
+                raise _client_error(f"{self.uri}/{rel}", exc) from exc
             except transient as exc:
                 if attempt + 1 == self.read_attempts:
-                    raise SourceError(
+                    raise SourceUnavailable(
                         f"{self.uri}/{rel}: {exc} (after {self.read_attempts} attempts)"
                     ) from exc
                 time.sleep(self.retry_delay_s * 2**attempt)
@@ -110,9 +125,9 @@ class S3RoundSource(RoundSource):
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
-            raise SourceError(f"{self.uri}/{rel}: {exc}") from exc
+            raise _client_error(f"{self.uri}/{rel}", exc) from exc
         except BotoCoreError as exc:
-            raise SourceError(f"{self.uri}/{rel}: {exc}") from exc
+            raise _botocore_error(f"{self.uri}/{rel}", exc) from exc
 
     def _list(self, prefix: str, delimiter: bool) -> list[dict[str, Any]]:
         """Every page of a listing under `prefix` (with '/' as delimiter when asked)."""
@@ -121,10 +136,13 @@ class S3RoundSource(RoundSource):
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         if delimiter:
             kwargs["Delimiter"] = "/"
+        where = f"{self.uri}: cannot list {prefix!r}"
         try:
             return list(self.client.get_paginator("list_objects_v2").paginate(**kwargs))
-        except (ClientError, BotoCoreError) as exc:
-            raise SourceError(f"{self.uri}: cannot list {prefix!r}: {exc}") from exc
+        except ClientError as exc:
+            raise _client_error(where, exc) from exc
+        except BotoCoreError as exc:
+            raise _botocore_error(where, exc) from exc
 
     def list_names(self, rel_dir: str) -> list[str]:
         prefix = self._dir_prefix(rel_dir)
@@ -157,6 +175,28 @@ class S3RoundSource(RoundSource):
 
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
-        except (ClientError, BotoCoreError) as exc:
-            raise SourceError(f"{self.uri}/{rel}: {exc}") from exc
+        except ClientError as exc:
+            raise _client_error(f"{self.uri}/{rel}", exc) from exc
+        except BotoCoreError as exc:
+            raise _botocore_error(f"{self.uri}/{rel}", exc) from exc
         return str(head["ETag"]).strip('"')
+
+
+def _client_error(where: str, exc: Any) -> SourceError:
+    """A botocore ClientError as a SourceError: SourceUnavailable when S3 says 'later'."""
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+    kind = SourceUnavailable if code in TRANSIENT_CODES or status.startswith("5") else SourceError
+    return kind(f"{where}: {code or exc}")
+
+
+def _botocore_error(where: str, exc: Exception) -> SourceError:
+    """A botocore error without an S3 answer: unreachable endpoint or broken connection are
+    SourceUnavailable; a client-side problem (no credentials, a bad setting) is not."""
+    from botocore.exceptions import ConnectionError, HTTPClientError, NoCredentialsError
+
+    transient = isinstance(exc, ConnectionError | HTTPClientError)
+    if isinstance(exc, NoCredentialsError):
+        transient = False
+    return (SourceUnavailable if transient else SourceError)(f"{where}: {exc}")

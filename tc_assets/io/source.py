@@ -26,6 +26,12 @@ class SourceError(OSError):
     """A file of the round source cannot be read (missing, unreadable, unreachable)."""
 
 
+class SourceUnavailable(SourceError):
+    """The source could not be reached (throttling, a server error, a broken connection) even
+    after the client's retries: nothing is known about the file, so nothing may be concluded
+    from it. The round's step fails and is retried later, and no submission is rejected."""
+
+
 class RoundSource(ABC):
     """Read-only access to a round source laid out as in the contract."""
 
@@ -77,6 +83,9 @@ class RoundSource(ABC):
                     io.BytesIO(data),
                     convert_options=pacsv.ConvertOptions(
                         column_types={"id": pa.string(), "model_id": pa.string()},
+                        # Only an empty field is missing: "NA", "null" or "nan" are valid ids
+                        # and model ids (a float column still reads "nan" as NaN).
+                        null_values=[""],
                         strings_can_be_null=True,
                     ),
                 )

@@ -514,6 +514,7 @@ class DualNewtonSolver:
         """`solve`, then a cold restart with 4x the iterations for rows that failed; raises
         `PortfolioSolveError` naming the round (label), the bag (bag_ids[row]; None: the meta
         portfolio) and the status when a row still fails. No partial result is returned."""
+        x = np.array(x, dtype=np.float64) if isinstance(x, np.ndarray) else x  # writable copy
         batch = self.solve(torch.as_tensor(x, dtype=torch.float64, device=self.device), lam0)
         failed = [i for i, s in enumerate(batch.status) if s != OPTIMAL]
         if not failed:
@@ -524,7 +525,13 @@ class DualNewtonSolver:
             if retry.status[j] != OPTIMAL:
                 bag = None if bag_ids is None else bag_ids[i]
                 detail = f"KKT residual {float(retry.kkt[j]):.3g} > {self.kkt_tol:g}"
-                raise PortfolioSolveError(label, bag, retry.status[j], detail)
+                raise PortfolioSolveError(
+                    label,
+                    bag,
+                    retry.status[j],
+                    detail,
+                    retry=f"a cold restart with {4 * self.max_iter} iterations",
+                )
         batch.state.put(idx, retry.state)
         batch.iterations[idx.cpu()] += retry.iterations
         for i in failed:

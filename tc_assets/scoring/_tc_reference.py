@@ -3,9 +3,9 @@
 Per bag: the stakes are a torch leaf, dropout multiplies them by the bag's mask / (1 - p), the
 meta model is a linear layer over the dropped-out stakes normalized by their sum, the optimizer
 is a `CvxpyLayer` over the same `build_cvxpy_problem(spec)` the fast engine solves, and
-R = t . (l - s); R.backward() leaves dR/ds in the leaf's .grad. All bags go through the layer as
-one batch (diffcp solves them on a thread pool); each bag has its own row of the stake leaf, so
-the gradients stay separate.
+R = t . (l - s); R.backward() leaves dR/ds in the leaf's .grad. Bags go through the layer one
+at a time (a forward solve and a backward pass each), so that a bag whose solve fails or is
+inaccurate is retried alone with tighter settings; the unbagged gradient is one more pass.
 
 Accuracy: diffcp differentiates the homogeneous self-dual embedding at the solver's solution,
 so the solve must be tight (SCS eps 1e-10: at SCS's default 1e-4 the gradients are off by
@@ -121,7 +121,7 @@ def reference_gradients(
             if not status:
                 break
         if status:
-            raise PortfolioSolveError(label, None if bag < 0 else bag, status)
+            raise PortfolioSolveError(label, "unbagged gradient" if bag < 0 else bag, status)
     for i, b in enumerate(bag_ids):
         g, r = results[int(b)]
         grads[i], returns[i] = g[0] * total, r[0]

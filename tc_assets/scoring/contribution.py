@@ -83,9 +83,10 @@ class TCSettings(BaseModel):
     antithetic: bool = Field(
         default=True,
         description="With dropout 0.5, draw the bags in complementary pairs (a mask and its "
-        "complement): every bag is still a torch dropout mask and the mean estimates the same "
-        "TC, but each model is kept in exactly half the bags, which removes the largest part "
-        "of the bagging noise. False: independent bags.",
+        "complement): each bag alone is still a random 50% dropout and the mean estimates the "
+        "same TC, but with an even number of bags every model is kept in exactly half of them, "
+        "so no model's TC rests on a luckier keep count than another's. False: independent "
+        "bags, as in the published method.",
     )
     target_column: Literal["target", "return"] = Field(
         default="target",
@@ -182,11 +183,14 @@ class TCResult:
 
     def split_half(self) -> float:
         """Pearson correlation across models of the TC from two halves of the bags: the
-        stability of the bagged estimate. Halves: alternate pairs of consecutive bags (so an
-        antithetic pair stays together); NaN with fewer than 4 bags."""
+        stability of the bagged estimate. Halves: alternate pairs of bags by their index
+        among the requested bags (so an antithetic pair stays together even when a bag was
+        skipped); NaN with fewer than 4 bags."""
         if self.bags < 4:
             return float("nan")
-        half = (np.arange(self.bags) // 2) % 2 == 0
+        skipped = set(self.skipped_bags)
+        used = np.array([i for i in range(self.masks.shape[0]) if i not in skipped])
+        half = (used // 2) % 2 == 0
         a, b = self.bag_tc[half].mean(axis=0), self.bag_tc[~half].mean(axis=0)
         if a.std() == 0 or b.std() == 0:
             return float("nan")

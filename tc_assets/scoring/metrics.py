@@ -365,7 +365,9 @@ def feature_metrics(
     """Target-free metrics: ``(per_model, exposures)``.
 
     ``per_model`` (index model_id): max_feature_exposure, exposure_dissimilarity (against the
-    example predictions, which may lack ids). ``exposures``: models x features.
+    example predictions, which may lack ids), max_exposure_feature (the feature behind
+    max_feature_exposure); all NaN/None for a model without any defined exposure.
+    ``exposures``: models x features.
     """
     cfg = settings or MetricsSettings()
     x = _prediction_matrix(predictions)
@@ -377,14 +379,21 @@ def feature_metrics(
         u = _exposures(x, f, cfg.block_models)
         e = np.nan_to_num(_exposures(ex[None, :], f, 1)[0])  # undefined exposure counts as 0
     ee = e @ e
+    absu = np.abs(u)
+    has = ~np.all(np.isnan(absu), axis=1)  # False: no exposure is defined (constant predictions)
     with np.errstate(invalid="ignore", divide="ignore"):
         dissimilarity = 1.0 - np.nan_to_num(u) @ e / ee if ee > 0 else np.full(u.shape[0], np.nan)
-    absu = np.abs(u)
-    has = ~np.all(np.isnan(absu), axis=1)
+    dissimilarity[~has] = np.nan
     max_exposure = np.full(u.shape[0], np.nan)
     max_exposure[has] = np.nanmax(absu[has], axis=1)
+    most_exposed = np.full(u.shape[0], None, dtype=object)
+    most_exposed[has] = features.columns.to_numpy()[np.nanargmax(absu[has], axis=1)]
     per_model = pd.DataFrame(
-        {"max_feature_exposure": max_exposure, "exposure_dissimilarity": dissimilarity},
+        {
+            "max_feature_exposure": max_exposure,
+            "exposure_dissimilarity": dissimilarity,
+            "max_exposure_feature": most_exposed,
+        },
         index=pd.Index(predictions.columns, name="model_id"),
     )
     return per_model, _exposure_frame(u, predictions, features)

@@ -201,16 +201,29 @@ def build_cvxpy_problem(spec: PortfolioSpec) -> CvxpyPortfolio:
 
 
 class PortfolioSolveError(RuntimeError):
-    """A portfolio solve failed or did not converge, after the retry with tighter settings."""
+    """A portfolio solve failed or did not converge, even after its retry (the meta portfolio,
+    a bag by number, or another solve named by a string)."""
 
-    def __init__(self, label: str, bag: int | None, status: str, detail: str = "") -> None:
+    def __init__(
+        self,
+        label: str,
+        bag: int | str | None,
+        status: str,
+        detail: str = "",
+        retry: str = "a retry with tighter settings",
+    ) -> None:
         self.label = label
         self.bag = bag
         self.status = status
-        where = f"round {label}" + (f", bag {bag}" if bag is not None else ", meta portfolio")
+        if bag is None:
+            what = "meta portfolio"
+        elif isinstance(bag, str):
+            what = bag
+        else:
+            what = f"bag {bag}"
         super().__init__(
-            f"{where}: portfolio solve failed with status {status!r} after a retry with "
-            f"tighter settings{': ' + detail if detail else ''}"
+            f"round {label}, {what}: portfolio solve failed with status {status!r} after "
+            f"{retry}{': ' + detail if detail else ''}"
         )
 
 

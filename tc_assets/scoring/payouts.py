@@ -226,7 +226,7 @@ def classic_payouts(
             "payout_factor": factor,
             "score": score,
             "payout": clipped_payout(rows["stake"].to_numpy(np.float64), score, factor, rules.clip),
-            "clipped": np.abs(scaled) >= rules.clip,
+            "clipped": (np.abs(scaled) >= rules.clip) & (rows["stake"].to_numpy() > 0),
         }
     )[scorable].reset_index(drop=True)
 

@@ -567,7 +567,7 @@ def score_portfolios(
             "marginal_return": delta,
             "stake": stake,
             "payout_factor": payout_factor,
-            "payout": stake * np.clip(payout_factor * basis, -clip, clip),
+            "payout": stake * np.clip(payout_factor * basis, -clip, clip) + 0.0,  # no -0.0
             "capacity_usd": peak,
             "breakeven_usd": breakeven,
             "peak_dollar_return_usd": best,
