@@ -15,7 +15,7 @@ DBT_MANIFEST := $(DBT_DIR)/target/manifest.json
 DBT_FILES := $(shell find $(DBT_DIR) \( -path $(DBT_DIR)/target -o -path $(DBT_DIR)/logs \
 	-o -path $(DBT_DIR)/dbt_packages \) -prune -o -type f \( -name '*.sql' -o -name '*.yml' \) -print)
 
-.PHONY: demo test dev install install-test dbt-manifest lint format bench clean
+.PHONY: demo test dev rescore install install-test dbt-manifest lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,13 @@ dev: install $(DBT_MANIFEST)
 	mkdir -p $(DAGSTER_HOME)
 	test -f $(DAGSTER_HOME)/dagster.yaml || cp tc_assets/dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 	TC_HOME=$(TC_HOME) DAGSTER_HOME=$(DAGSTER_HOME) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+## Re-score every round of the instance (after the scoring code changed): a backfill of
+## score_round over all round partitions, one queued run per round, which the daemon of
+## `make dev` launches within the run queue's limit.
+rescore: install $(DBT_MANIFEST)
+	TC_HOME=$(TC_HOME) DAGSTER_HOME=$(DAGSTER_HOME) $(VENV)/bin/dagster job backfill \
+		-w workspace.yaml -j score_round --all all --noprompt
 
 lint: install-test
 	$(VENV)/bin/ruff check tc_assets tests benchmarks

@@ -75,9 +75,10 @@ class _ProgressHandler(logging.Handler):
     """Echoes what an operator watching a run needs: finished and failed steps, failed checks,
     and the assets' own messages (not Dagster's debug events)."""
 
-    def __init__(self, echo: Callable[[str], None]) -> None:
+    def __init__(self, echo: Callable[[str], None], chatty: frozenset[str] = frozenset()) -> None:
         super().__init__(level=logging.DEBUG)
         self.echo = echo
+        self.chatty = chatty  # steps whose own messages are echoed from ERROR up only
 
     def emit(self, record: logging.LogRecord) -> None:
         meta = getattr(record, "dagster_meta", None) or {}
@@ -87,7 +88,8 @@ class _ProgressHandler(logging.Handler):
             message = str(meta.get("orig_message", record.getMessage()))
             # The engine's "Dependencies for step ... Not executing." lines are summed up per
             # round by run_rounds; everything else logged in a step is the asset's own word.
-            if record.levelno >= logging.INFO and step and not message.startswith("Dependencies"):
+            level = logging.ERROR if step in self.chatty else logging.INFO
+            if record.levelno >= level and step and not message.startswith("Dependencies"):
                 self.echo(f"  {step}: {message}")
             return
         kind = event.event_type
@@ -105,12 +107,17 @@ class _ProgressHandler(logging.Handler):
                 )
 
 
+# dagster-dbt narrates every dbt node and test (and warns about each source test it logs as an
+# observation): that stays in the log file and the UI; the step's line and failures still show.
+CHATTY_STEPS = frozenset({"dbt_metrics"})
+
+
 def progress_logger(echo: Callable[[str], None]) -> dg.LoggerDefinition:
     """A Dagster logger that prints compact progress through `echo` (see _ProgressHandler)."""
 
     def create(_: dg.InitLoggerContext) -> logging.Logger:
         logger = logging.Logger("tc_platform_progress", level=logging.DEBUG)
-        logger.addHandler(_ProgressHandler(echo))
+        logger.addHandler(_ProgressHandler(echo, CHATTY_STEPS))
         return logger
 
     return dg.LoggerDefinition(create, description="Compact progress for tc-platform run.")

@@ -147,16 +147,20 @@ def model_metrics(
     metrics = metrics.join(feature_exposures[["exposure_dissimilarity", "max_feature_exposure"]])
     metrics = metrics[list(MODEL_METRICS)]
     warehouse.get().write_round(r, {"model_metrics": metrics.reset_index()})
-    tops = []
-    for name in (*TARGET_METRICS, "exposure_dissimilarity", "max_feature_exposure"):
-        best = metrics[name].nlargest(5)
-        tops.append(f"**{name}**: " + ", ".join(f"{m} ({v:.4f})" for m, v in best.items()))
+    tops = pd.DataFrame(
+        {
+            name: [f"{m} ({v:.4f})" for m, v in metrics[name].nlargest(5).items()]
+            + [""] * (5 - min(5, int(metrics[name].notna().sum())))
+            for name in (*TARGET_METRICS, "exposure_dissimilarity", "max_feature_exposure")
+        },
+        index=pd.Index(range(1, 6), name="rank"),
+    )
     return dg.Output(
         metrics,
         metadata={
             "round": r,
             "models": len(metrics),
-            "top_models": dg.MetadataValue.md("\n\n".join(tops)),
+            "top_models": markdown_table(tops.reset_index()),
             "summary": markdown_table(
                 metrics.describe().T.reset_index().rename(columns={"index": "metric"})
             ),
