@@ -25,9 +25,10 @@ from typing import TextIO
 
 import dagster as dg
 
+from tc_assets.defs.automation import run_tags
 from tc_assets.defs.definitions import SCORE_ROUND_JOB, PlatformPaths, build_definitions
 from tc_assets.defs.partitions import ROUNDS_PARTITIONS_NAME
-from tc_assets.io.source import open_source
+from tc_assets.io.source import SourceError, open_source
 
 INSTANCE_CONFIG = Path(__file__).resolve().parent / "dagster.yaml"
 
@@ -182,8 +183,9 @@ def run_rounds(
     job = defs.resolve_job_def(SCORE_ROUND_JOB)
     run_config = {"loggers": {"progress": {}, "console": {"config": {"log_level": "DEBUG"}}}}
     instance = instance or dg.DagsterInstance.get()
+    source = open_source(paths.source)
     if rounds is None:
-        rounds = open_source(paths.source).round_numbers()
+        rounds = source.round_numbers()
         if not rounds:
             raise ValueError(f"no rounds found under {paths.source}/rounds/")
     keys = [str(r) for r in rounds]
@@ -195,13 +197,18 @@ def run_rounds(
     for key in keys:
         echo(f"round {key}: running {SCORE_ROUND_JOB} ...")
         start = time.perf_counter()
+        tags = {"source": "cli"}
+        # What the run reads, so that the daemon's changes sensor does not score it again; a
+        # file that cannot be read is the run's to report.
+        with contextlib.suppress(SourceError):
+            tags |= run_tags(source, int(key))
         with _captured(log):
             result = job.execute_in_process(
                 run_config=run_config,
                 instance=instance,
                 partition_key=key,
                 raise_on_error=False,
-                tags={"source": "cli"},
+                tags=tags,
             )
         checks = _failed_checks(result)
         outcome = RoundOutcome(

@@ -27,6 +27,7 @@ from tc_assets.defs.definitions import PlatformPaths, build_definitions
 from tc_assets.defs.partitions import ROUNDS_PARTITIONS_NAME
 from tc_assets.defs.resources import RoundSourceResource
 from tc_assets.io.synthetic import SyntheticSettings, generate_source
+from tc_assets.runner import run_rounds
 from tests.conftest import run_job
 from tests.s3server import FaultyProxy, client, moto_s3, s3_env
 
@@ -386,10 +387,14 @@ def test_a_rewrite_that_keeps_size_and_mtime_is_still_seen(local_source):
 
 def test_rounds_already_scored_by_a_full_run_are_adopted(local_source, instance, tmp_path):
     """A round run by `tc-platform run` before the daemon started is neither re-ingested nor
-    re-scored; a later change to it is picked up."""
-    local_source.publish([1], skip=("resolved.parquet",))  # unresolved: a shorter full run
+    re-scored; a later change to it is picked up. A full run that does not say which files it
+    read (one launched from the UI) is scored again once."""
+    local_source.publish([1, 2], skip=("resolved.parquet",))  # unresolved: shorter full runs
     p = Platform(local_source, instance, tmp_path)
-    assert run_job(p.defs, instance, 1, job="score_round").success
+    (outcome,) = run_rounds(p.paths, [1], instance=instance, echo=lambda _: None)
+    assert outcome.success
+    assert run_job(p.defs, instance, 2, job="score_round").success  # no tags
+    assert summary(p.sensor("round_changes_sensor")) == [("2", a.REASON_INPUTS_CHANGED)]
     new = p.sensor("new_round_sensor")
     assert new.run_requests == [] and "already ingested" in new.skip_reason.skip_message
     assert p.sensor("round_changes_sensor").run_requests == []

@@ -373,6 +373,18 @@ def test_asset_with_too_few_rounds_skips_or_fails_clearly(warehouse):
     assert "found 3 (1, 2, 3)" in failure.event_specific_data.error.message
 
 
+def test_a_window_refit_with_too_few_rounds_leaves_no_earlier_fit(warehouse):
+    """Window 5 fitted with a low min_rounds, then re-run with the default (8): the earlier
+    fit of that window is removed, not left in the warehouse as if it still held."""
+    small = {"min_rounds": 3, "held_out_rounds": 1, "window_rounds": 5}
+    assert materialize(warehouse, "5", **small).success
+    tables = ("tc_proxy_importance", "tc_proxy_shape", "tc_proxy_fit")
+    assert all(len(warehouse.read_round(t, 5)) for t in tables)
+    again = materialize(warehouse, "5")
+    assert again.success and not again.asset_materializations_for_node("tc_proxy_model")
+    assert all(warehouse.read_round(t, 5).empty for t in tables)
+
+
 def test_definitions_run_the_proxy_in_the_round_job(tmp_path):
     defs = build_definitions(PlatformPaths.create(str(tmp_path / "src"), str(tmp_path / "w.db")))
     job = defs.resolve_job_def("score_round")

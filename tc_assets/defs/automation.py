@@ -293,6 +293,18 @@ class RoundState:
         return cls(input_stamp, content, resolved_stamp, resolved, close)
 
 
+def run_tags(source: RoundSource, round_number: int) -> dict[str, str]:
+    """Tags naming the files a run of the round reads now (stamp and content hashes): a full
+    `score_round` run carrying them (`tc-platform run` adds them) is adopted by the changes
+    sensor as scored on exactly these files, instead of being scored again."""
+    state = RoundState.observe(source, round_number, round_stamps(source, round_number))
+    return {
+        TAG_INPUT_STAMP: state.input_stamp,
+        TAG_INPUTS: state.inputs,
+        TAG_RESOLVED: state.resolved or "none",
+    }
+
+
 def input_stamp(source: RoundSource, round_number: int) -> str:
     """The `tc/input_stamp` tag of a run that ingests the round now."""
     inputs, _, _ = RoundState.split(source, round_number, round_stamps(source, round_number))
@@ -637,8 +649,19 @@ def _scoring_request(
     else:
         run = ingestion.dagster_run
         stamp = run.tags.get(TAG_INPUT_STAMP)
-        if scored is None and targets.scored_too(run) and stamp in (None, state.input_stamp):
-            # Ingested and scored by one full run (tc-platform run, the UI): adopt it as is.
+        read = (run.tags.get(TAG_INPUTS), run.tags.get(TAG_RESOLVED))
+        if (
+            scored is None
+            and targets.scored_too(run)
+            and read
+            == (
+                state.inputs,
+                state.resolved or "none",
+            )
+        ):
+            # Ingested and scored by one full run on today's files (`tc-platform run` tags
+            # them): adopt it. A run that does not say what it read (one launched in the UI)
+            # is scored again once, so that no change since is missed.
             cursor.mark_scored(key, state)
             return None
         if scored is not None and scored[0] == state.inputs:  # only resolved.parquet moved

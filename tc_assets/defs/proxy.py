@@ -56,6 +56,7 @@ from tc_assets.scoring.proxy_model import (
 
 GROUP = "proxy"
 PLOT_DIR = "tc_proxy"
+PROXY_TABLES = ("tc_proxy_importance", "tc_proxy_shape", "tc_proxy_fit")
 
 
 class ProxyConfig(dg.Config, ProxySettings):
@@ -271,6 +272,7 @@ def tc_proxy_model(
                 description=str(exc), metadata={"round": r}, allow_retries=False
             ) from exc
         context.log.warning(f"tc_proxy_model[{r}] not materialized: {exc}")
+        wh.clear_partition(r, PROXY_TABLES)  # an earlier fit of this window no longer holds
         return
     folder = warehouse.directory / PLOT_DIR
     folder.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ file locked by another process waits and retries instead of failing at once.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,23 @@ class Warehouse:
                     ) from exc
                 raise
         return counts
+
+    def clear_partition(self, key: int, names: Sequence[str]) -> None:
+        """Delete the rows of partition `key` from each named table, in one transaction (for a
+        result that no longer exists, e.g. a window now too short to fit)."""
+        present = set(self.table_names())
+        specs = [table(name) for name in names if name in present]
+        if not specs:
+            return
+        with self.connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                for spec in specs:
+                    self._delete(con, spec, key)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
 
     def update_columns(
         self, name: str, key: int, frame: Frame, on: tuple[str, ...], columns: tuple[str, ...]
