@@ -240,7 +240,8 @@ def test_model_ids_that_look_like_missing_values_are_kept(fresh_source):
     missing, in stakes.csv and as file names; an id column value 'NA' is an id too."""
     rnd = fresh_source / "rounds/1"
     stakes = pd.read_csv(rnd / "stakes.csv", dtype={"model_id": str}, keep_default_na=False)
-    first = sorted((rnd / "predictions").glob("*.csv"))[0]
+    accepted = ingest_round(LocalRoundSource(fresh_source), 1).predictions.columns[0]
+    first = rnd / "predictions" / f"{accepted}.csv"
     names = ["NA", "null", "nan"]
     for name in names:
         shutil.copy(first, rnd / "predictions" / f"{name}.csv")
@@ -251,3 +252,14 @@ def test_model_ids_that_look_like_missing_values_are_kept(fresh_source):
     inputs = ingest_round(LocalRoundSource(fresh_source), 1)
     assert set(names) <= set(inputs.predictions.columns) and set(names) <= set(inputs.stakes.index)
     assert (inputs.stakes.loc[names, "stake"] == 10.0).all()
+
+
+def test_an_empty_prediction_file_is_rejected_for_coverage(fresh_source):
+    """A file with the header only covers none of the round's ids: low_coverage, not constant."""
+    rnd = fresh_source / "rounds/1"
+    model = ingest_round(LocalRoundSource(fresh_source), 1).predictions.columns[0]
+    (rnd / "predictions" / f"{model}.csv").write_text("id,prediction\n")
+    inputs = ingest_round(LocalRoundSource(fresh_source), 1)
+    rejected = inputs.rejections.set_index("model_id")
+    assert rejected.loc[model, "rule"] == c.Rule.LOW_COVERAGE
+    assert "covers 0 of" in rejected.loc[model, "reason"]

@@ -148,10 +148,10 @@ def validate_predictions(df: pd.DataFrame, live_ids: pd.Index) -> Accepted | Rej
             f"{int(outside.sum())} predictions outside [0, 1] "
             f"(min {arr.min():.6g}, max {arr.max():.6g})",
         )
-    if len(arr) == 0 or np.all(arr == arr[0]):
-        return Rejection(Rule.CONSTANT, "predictions are constant (no ranking information)")
     coverage = len(arr) / len(live_ids)
-    if coverage < MIN_COVERAGE:
+    if len(arr) and np.all(arr == arr[0]):
+        return Rejection(Rule.CONSTANT, "predictions are constant (no ranking information)")
+    if coverage < MIN_COVERAGE:  # an empty file, or one of ids not in the round, included
         return Rejection(
             Rule.LOW_COVERAGE,
             f"covers {len(arr)} of {len(live_ids)} live ids ({coverage:.1%}); "
