@@ -96,9 +96,9 @@ class _ProgressHandler(logging.Handler):
         kind = event.event_type
         if kind == dg.DagsterEventType.STEP_SUCCESS:
             seconds = event.event_specific_data.duration_ms / 1000.0
-            self.echo(f"  {step:<44} ok {seconds:6.1f}s")
+            self.echo(f"  {step:<48} ok {seconds:6.1f}s")
         elif kind == dg.DagsterEventType.STEP_FAILURE:
-            self.echo(f"  {step:<44} FAILED: {_error_message(event)}")
+            self.echo(f"  {step:<48} FAILED: {_error_message(event)}")
         elif kind == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
             check = event.event_specific_data
             if not check.passed:
