@@ -2,12 +2,12 @@
 
 The step = SWMM (``meta_model.swmm``), feature-only metrics with every exposure
 (``metrics.feature_metrics``) and target metrics (``metrics.target_metrics``) for every model
-of a generated round, and the DuckDB writes of the metrics assets (the long
-``feature_exposures`` table is models x features rows) (``tc_assets.io.synthetic``, defaults 5,000 stocks x 420 medium features x
-5,000 models). In the same run, ``numerai_tools.scoring`` scores ``--reference-models`` of those
-models one by one (numerai_corr, correlation_contribution, feature_neutral_corr with and without
-top_bottom, a Pearson per feature for the exposures), which gives the speed ratio; the results
-are compared too.
+of a generated round (``tc_assets.io.synthetic``, defaults 5,000 stocks x 420 medium features x
+5,000 models), and the DuckDB writes of the metrics assets (the long ``feature_exposures``
+table has models x features rows). In the same run, ``numerai_tools.scoring`` scores
+``--reference-models`` of those models one by one (numerai_corr, correlation_contribution,
+feature_neutral_corr with and without top_bottom, a Pearson per feature for the exposures),
+which gives the speed ratio; the results are compared too.
 
 Memory: the resident set size (RSS) of this process, sampled every 2 ms by a thread reading
 /proc/self/statm while the step runs (peak and increase over the RSS before the step), and

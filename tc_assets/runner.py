@@ -87,8 +87,8 @@ class _ProgressHandler(logging.Handler):
         event = meta.get("dagster_event")
         if event is None:
             message = str(meta.get("orig_message", record.getMessage()))
-            # The engine's "Dependencies for step ... Not executing." lines are summed up per
-            # round by run_rounds; everything else logged in a step is the asset's own word.
+            # The engine's "Dependencies for step ... Not executing." lines are left out (the
+            # failed step is named already); anything else logged in a step is the asset's.
             level = logging.ERROR if step in self.chatty else logging.INFO
             if record.levelno >= level and step and not message.startswith("Dependencies"):
                 self.echo(f"  {step}: {message}")

@@ -243,6 +243,14 @@ class RoundState:
     def content(self) -> tuple[str, str | None]:
         return self.inputs, self.resolved
 
+    def tags(self) -> dict[str, str]:
+        """The run tags naming these files: their stamp and content hashes."""
+        return {
+            TAG_INPUT_STAMP: self.input_stamp,
+            TAG_INPUTS: self.inputs,
+            TAG_RESOLVED: self.resolved or "none",
+        }
+
     @staticmethod
     def split(
         source: RoundSource, round_number: int, stamps: Mapping[str, str]
@@ -297,12 +305,7 @@ def run_tags(source: RoundSource, round_number: int) -> dict[str, str]:
     """Tags naming the files a run of the round reads now (stamp and content hashes): a full
     `score_round` run carrying them (`tc-platform run` adds them) is adopted by the changes
     sensor as scored on exactly these files, instead of being scored again."""
-    state = RoundState.observe(source, round_number, round_stamps(source, round_number))
-    return {
-        TAG_INPUT_STAMP: state.input_stamp,
-        TAG_INPUTS: state.inputs,
-        TAG_RESOLVED: state.resolved or "none",
-    }
+    return RoundState.observe(source, round_number, round_stamps(source, round_number)).tags()
 
 
 def input_stamp(source: RoundSource, round_number: int) -> str:
@@ -649,16 +652,9 @@ def _scoring_request(
     else:
         run = ingestion.dagster_run
         stamp = run.tags.get(TAG_INPUT_STAMP)
-        read = (run.tags.get(TAG_INPUTS), run.tags.get(TAG_RESOLVED))
-        if (
-            scored is None
-            and targets.scored_too(run)
-            and read
-            == (
-                state.inputs,
-                state.resolved or "none",
-            )
-        ):
+        today = state.tags()
+        read_today = all(run.tags.get(k) == today[k] for k in (TAG_INPUTS, TAG_RESOLVED))
+        if scored is None and targets.scored_too(run) and read_today:
             # Ingested and scored by one full run on today's files (`tc-platform run` tags
             # them): adopt it. A run that does not say what it read (one launched in the UI)
             # is scored again once, so that no change since is missed.
@@ -677,12 +673,7 @@ def _scoring_request(
         # content not scored before still gets a new key, so Dagster does not drop it.
         run_key=f"changes-{key}-{count}-{state.inputs[:12]}-{(state.resolved or 'none')[:12]}",
         asset_selection=selection,
-        tags={
-            TAG_REASON: reason,
-            TAG_INPUT_STAMP: state.input_stamp,
-            TAG_INPUTS: state.inputs,
-            TAG_RESOLVED: state.resolved or "none",
-        },
+        tags={TAG_REASON: reason, **state.tags()},
     )
 
 

@@ -149,12 +149,11 @@ def model_metrics(
     warehouse.get().write_round(r, {"model_metrics": metrics.reset_index()})
     tops = pd.DataFrame(
         {
-            name: [f"{m} ({v:.4f})" for m, v in metrics[name].nlargest(5).items()]
-            + [""] * (5 - min(5, int(metrics[name].notna().sum())))
+            name: pd.Series([f"{m} ({v:.4f})" for m, v in metrics[name].nlargest(5).items()])
             for name in (*TARGET_METRICS, "exposure_dissimilarity", "max_feature_exposure")
-        },
-        index=pd.Index(range(1, 6), name="rank"),
-    )
+        }
+    ).fillna("")  # fewer than 5 models with a value: empty cells
+    tops.index = pd.Index(range(1, len(tops) + 1), name="rank")
     return dg.Output(
         metrics,
         metadata={
