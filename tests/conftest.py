@@ -1,5 +1,7 @@
 """Shared fixtures: generated round sources (the project's generator) and Dagster instances."""
 
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -8,6 +10,7 @@ import pytest
 from tc_assets.defs.definitions import PlatformPaths, build_definitions
 from tc_assets.defs.partitions import ROUNDS_PARTITIONS_NAME
 from tc_assets.io.synthetic import SyntheticSettings, generate_source
+from tests.pgcluster import PostgresCluster, postgres_bindir, postgres_cluster, postgres_dir
 
 # Small enough for seconds per round, large enough for every planted kind and rule.
 SMALL = SyntheticSettings(stocks=600, features=16, models=40, seed=7, with_bad_inputs=True)
@@ -34,6 +37,23 @@ def fresh_source(tmp_path) -> Path:
 def instance():
     with dg.instance_for_test() as inst:
         yield inst
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A private PostgreSQL cluster on loopback for the whole session (see tests/pgcluster.py).
+
+    Skipped only where the machine has no PostgreSQL server binaries; any other failure to
+    start it fails the tests that use it.
+    """
+    if postgres_bindir() is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl): install Debian's postgresql")
+    parent = postgres_dir()
+    try:
+        with postgres_cluster(parent) as cluster:
+            yield cluster
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def platform(source: Path | str, tmp_path: Path) -> tuple[dg.Definitions, PlatformPaths]:
