@@ -97,6 +97,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_bucket_per_return(args: argparse.Namespace) -> int:
+    from tc_assets.io.warehouse import Warehouse
+    from tc_assets.runner import parse_rounds
+    from tc_assets.scoring.portfolio_weights import estimate_bucket_per_return
+
+    path = Path(args.warehouse)
+    if not path.is_file():
+        raise ValueError(f"no warehouse at {path}")
+    wh = Warehouse(path)
+    if "resolved" not in wh.table_names():
+        raise ValueError(f"{path} has no resolved rounds")
+    history = wh.query('SELECT round, target, "return" FROM resolved WHERE "return" IS NOT NULL')
+    if args.rounds:
+        history = history[history["round"].isin(parse_rounds(args.rounds))]
+    est = estimate_bucket_per_return(history)
+    slopes = ", ".join(f"{r}: {v:.3f}" for r, v in est.per_round.items())
+    print(
+        f"bucket_per_return = {est.slope:.4f} (pooled within-round slope of target on return "
+        f"over {len(est.per_round)} round(s), {est.rows} ids)\nper round: {slopes}\n"
+        "set it in the portfolio_scores config: "
+        f"ops: {{portfolio_scores: {{config: {{bucket_per_return: {est.slope:.4g}}}}}}}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tc-platform", description="Score a stock-prediction tournament round by round."
@@ -125,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--warehouse", required=True, help="DuckDB file to write")
     r.add_argument("--rounds", help="round range, e.g. 301-305 (default: every round in source)")
     r.set_defaults(func=cmd_run)
+
+    k = sub.add_parser(
+        "bucket-per-return",
+        help="estimate the portfolio payouts' bucket_per_return from resolved history",
+    )
+    k.add_argument("--warehouse", required=True, help="DuckDB file with resolved rounds")
+    k.add_argument("--rounds", help="round range to estimate from (default: every round)")
+    k.set_defaults(func=cmd_bucket_per_return)
 
     d = sub.add_parser("demo", help="generate rounds, run them, print the results")
     d.add_argument("--rounds", default=DEMO_ROUNDS, help=f"default {DEMO_ROUNDS}")

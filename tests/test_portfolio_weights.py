@@ -1,4 +1,4 @@
-"""Portfolio-weight payouts: every formula of issue 5 §2 against hand-computed small examples."""
+"""Portfolio-weight payouts: every formula against hand-computed small examples."""
 
 import math
 
@@ -12,9 +12,11 @@ from tc_assets.scoring.portfolio_weights import (
     capacity,
     capacity_curves,
     check_portfolios,
+    estimate_bucket_per_return,
     liquidity_cost,
     liquidity_terms,
     marginal_return,
+    meta_lost,
     payout_percentage,
     raw_payout_percentage,
     scenario,
@@ -24,11 +26,12 @@ from tc_assets.scoring.portfolio_weights import (
 )
 
 IDS = pd.Index(["s1", "s2", "s3", "s4"], name="id")
-# target std = sqrt(0.15625), return std = sqrt(7.5e-4): b = (target - 0.5) * sqrt(0.0048).
+# Mean target 0.5: b = target - 0.5 (target units).
 RESOLVED = pd.DataFrame(
     {"target": [1.0, 0.75, 0.25, 0.0], "return": [0.03, -0.01, 0.02, -0.04]}, index=IDS
 )
-SCALE = math.sqrt(0.0048)
+B = np.array([0.5, 0.25, -0.25, -0.5])
+TARGETS_ONLY = RESOLVED[["target"]]
 W = pd.DataFrame({"u": [0.5, 0.5, -0.5, -0.5]}, index=IDS)
 META_UP = pd.Series([1.0, 0.0, 0.0, -1.0], index=IDS)  # MR = 0.03 + 0.04 = 0.07
 META_DOWN = -META_UP  # MR = -0.07
@@ -40,25 +43,34 @@ def _score(meta=META_UP, weights=W, settings=CONSTANT, adv=None, stakes=None, re
     return score_portfolios(weights, meta, resolved, stakes, 0.5, 0.05, adv, settings)
 
 
-def test_bucketed_return_is_the_centred_target_at_the_returns_spread():
-    b = bucketed_returns(np.array([0, 0.25, 0.5, 0.75, 1.0]), np.array([-2, -1, 0, 1, 2]) / 100)
-    np.testing.assert_allclose(b, [-0.02, -0.01, 0.0, 0.01, 0.02], atol=1e-15)
-    b = bucketed_returns(RESOLVED["target"].to_numpy(), RESOLVED["return"].to_numpy())
-    np.testing.assert_allclose(b, SCALE * np.array([0.5, 0.25, -0.25, -0.5]))
-    assert b.mean() == pytest.approx(0.0)
-    assert b.std() == pytest.approx(math.sqrt(7.5e-4))  # the return's (population) std
-    np.testing.assert_array_equal(bucketed_returns(np.full(3, 0.5), np.arange(3.0)), 0.0)
+def test_bucketed_return_is_the_centred_target():
+    b = bucketed_returns(np.array([0, 0.25, 0.5, 0.75, 1.0, 1.0]))
+    np.testing.assert_allclose(b, np.array([0, 0.25, 0.5, 0.75, 1.0, 1.0]) - 3.5 / 6)
+    np.testing.assert_array_equal(bucketed_returns(RESOLVED["target"].to_numpy()), B)
+    np.testing.assert_array_equal(bucketed_returns(np.full(3, 0.5)), 0.0)
+    with pytest.raises(ValueError, match="finite"):
+        bucketed_returns(np.array([0.5, np.nan]))
+
+
+def test_pb_is_w_dot_target_whatever_the_returns():
+    row = _score().table.iloc[0]
+    assert row["pb"] == pytest.approx(W["u"] @ RESOLVED["target"], abs=1e-15)
+    for resolved in (RESOLVED.assign(**{"return": RESOLVED["return"] * 10}), TARGETS_ONLY):
+        other = _score(resolved=resolved).table.iloc[0]
+        for col in ("pb", "mb", "transaction_cost", "pp", "payout"):
+            assert other[col] == row[col], col
 
 
 def test_pb_pr_mb_mr_and_the_constant_cost_model_with_meta_up():
     row = _score().table.iloc[0]
-    # PB = 0.5 (b1 + b2) - 0.5 (b3 + b4) = 0.75 SCALE; PR = 0.5 (0.02) - 0.5 (-0.02) = 0.02
-    assert row["pb"] == pytest.approx(0.75 * SCALE)
+    # PB = 0.5 (b1 + b2) - 0.5 (b3 + b4) = 0.75; PR = 0.5 (0.02) - 0.5 (-0.02) = 0.02
+    assert row["pb"] == pytest.approx(0.75)
     assert row["pr"] == pytest.approx(0.02)
-    assert row["mb"] == pytest.approx(SCALE) and row["mr"] == pytest.approx(0.07)
+    assert row["mb"] == pytest.approx(1.0) and row["mr"] == pytest.approx(0.07)
+    assert (row["meta_loss_basis"], row["meta_lost"]) == ("mr", False)
     assert row["transaction_cost"] == 0.002 and row["transaction_cost_raw"] == 0.004
     # MR >= 0: PP = (PB - t_b) / g; PP_raw = c (PR - t) = 20 * 0.016
-    assert row["pp"] == pytest.approx((0.75 * SCALE - 0.002) / 0.1)
+    assert row["pp"] == pytest.approx((0.75 - 0.002) / 0.1)
     assert row["pp_raw"] == pytest.approx(0.32)
     # payout = stake * clip(0.5 * PP, +-0.05): 0.5 * 0.5
     assert row["payout"] == pytest.approx(1000 * 0.05)
@@ -67,13 +79,77 @@ def test_pb_pr_mb_mr_and_the_constant_cost_model_with_meta_up():
 
 def test_pp_in_the_meta_lost_branch_is_weighted_by_c_b():
     row = _score(META_DOWN).table.iloc[0]
-    assert row["mr"] == pytest.approx(-0.07) and row["mb"] == pytest.approx(-SCALE)
-    assert row["pp"] == pytest.approx(3 * (0.75 * SCALE - 0.002) / 0.1)
+    assert row["mr"] == pytest.approx(-0.07) and row["mb"] == pytest.approx(-1.0)
+    assert (row["meta_loss_basis"], row["meta_lost"]) == ("mr", True)
+    assert row["pp"] == pytest.approx(3 * (0.75 - 0.002) / 0.1)
     assert row["pp_raw"] == pytest.approx(3 * 20 * (0.02 - 0.004))
-    assert payout_percentage(0.01, 0.002, -1e-9, 0.1, 3) == pytest.approx(0.24)
-    assert payout_percentage(0.01, 0.002, 0.0, 0.1, 3) == pytest.approx(0.08)
-    assert raw_payout_percentage(0.001, 0.003, -0.01, 10, 2) == pytest.approx(-0.04)
-    assert raw_payout_percentage(0.001, 0.003, 0.01, 10, 2) == pytest.approx(-0.02)
+    assert payout_percentage(0.01, 0.002, True, 0.1, 3) == pytest.approx(0.24)
+    assert payout_percentage(0.01, 0.002, False, 0.1, 3) == pytest.approx(0.08)
+    assert raw_payout_percentage(0.001, 0.003, True, 10, 2) == pytest.approx(-0.04)
+    assert raw_payout_percentage(0.001, 0.003, False, 10, 2) == pytest.approx(-0.02)
+
+
+def test_meta_lost_is_judged_on_mr_with_returns_and_on_mb_without():
+    assert meta_lost(0.0, -1.0) == ("mr", False)  # MR decides when it exists
+    assert meta_lost(-1e-9, 1.0) == ("mr", True)
+    assert meta_lost(float("nan"), -1e-9) == ("mb", True)
+    assert meta_lost(float("nan"), 0.0) == ("mb", False)
+    with pytest.raises(ValueError, match="neither MR nor MB"):
+        meta_lost(float("nan"), float("nan"))
+    # A meta portfolio whose MB and MR disagree in sign: MB 0.5 > 0 > MR = -0.01 - 0.02.
+    meta = pd.Series([0.0, 1.0, -1.0, 0.0], index=IDS)
+    with_returns = _score(meta).table.iloc[0]
+    assert with_returns["mb"] == pytest.approx(0.5) and with_returns["mr"] == pytest.approx(-0.03)
+    assert (with_returns["meta_loss_basis"], with_returns["meta_lost"]) == ("mr", True)
+    assert with_returns["pp"] == pytest.approx(3 * (0.75 - 0.002) / 0.1)  # amplified by c_b
+    out = _score(meta, resolved=TARGETS_ONLY)
+    row = out.table.iloc[0]
+    assert (row["meta_loss_basis"], row["meta_lost"]) == ("mb", False)
+    assert row["pp"] == pytest.approx((0.75 - 0.002) / 0.1)  # not amplified
+    assert (out.meta.iloc[0]["meta_loss_basis"], out.meta.iloc[0]["meta_lost"]) == ("mb", False)
+    lost = _score(META_DOWN, resolved=TARGETS_ONLY).table.iloc[0]  # MB = -1
+    assert (lost["meta_loss_basis"], lost["meta_lost"]) == ("mb", True)
+    assert lost["pp"] == pytest.approx(3 * (0.75 - 0.002) / 0.1)
+
+
+def test_a_round_without_returns_is_paid_in_bucket_space():
+    s = PortfolioPayoutSettings(
+        spread_bps=10, impact_coef=0.01, alpha=1.0, long_market_value_usd=1e6
+    )
+    adv = pd.Series([1e6, 4e6, 1e6, 16e6], index=IDS)
+    out = _score(settings=s, adv=adv, resolved=TARGETS_ONLY)
+    full = _score(settings=s, adv=adv).table.iloc[0]
+    row = out.table.iloc[0]
+    assert not out.has_returns and out.terms is not None
+    for col in ("pb", "mb", "transaction_cost", "transaction_cost_raw", "pp", "payout"):
+        assert row[col] == full[col], col
+    for col in ("pr", "mr", "pp_raw", "marginal_return", "capacity_usd", "breakeven_usd"):
+        assert np.isnan(row[col]), col
+    assert row["scenario"] is None
+    assert np.isnan(out.meta.iloc[0]["net_return"])
+    raw = s.model_copy(update={"payout_basis": "raw"})
+    with pytest.raises(ValueError, match="payout_basis 'raw'.*no return column"):
+        _score(settings=raw, resolved=TARGETS_ONLY)
+
+
+def test_bucket_per_return_is_the_pooled_within_round_slope():
+    rng = np.random.default_rng(3)
+    frames = []
+    for rnd, level in ((1, 0.0), (2, 0.05), (3, -0.02)):
+        x = rng.normal(level, 0.02, 500)  # each round's own level, removed by centring
+        t = 0.5 + 8.0 * (x - level) + rng.normal(0, 0.05, 500)
+        frames.append(pd.DataFrame({"round": rnd, "target": t, "return": x}))
+    frames.append(pd.DataFrame({"round": 4, "target": [0.0, 1.0], "return": np.nan}))
+    history = pd.concat(frames, ignore_index=True)
+    est = estimate_bucket_per_return(history)
+    xs = [f["return"] - f["return"].mean() for f in frames[:3]]
+    ts = [f["target"] - f["target"].mean() for f in frames[:3]]
+    want = sum((a * b).sum() for a, b in zip(xs, ts, strict=True)) / sum((a * a).sum() for a in xs)
+    assert est.slope == pytest.approx(want, rel=1e-12)
+    assert est.slope == pytest.approx(8.0, rel=0.05)
+    assert list(est.per_round.index) == [1, 2, 3] and est.rows == 1500  # round 4: no returns
+    with pytest.raises(ValueError, match="nothing to estimate"):
+        estimate_bucket_per_return(history[history["round"] == 4])
 
 
 def test_payout_uses_the_chosen_basis_and_the_clip():
@@ -122,9 +198,13 @@ def test_liquidity_model_in_a_scored_round():
     out = _score(settings=s, adv=adv)
     row = out.table.iloc[0]
     assert row["cost_model"] == "liquidity"
-    assert row["transaction_cost"] == pytest.approx(0.00778125)
+    # Bucketed cost: bucket_per_return (default 10 target units per unit of return) * TC.
+    assert row["transaction_cost"] == pytest.approx(10 * 0.00778125)
     assert row["transaction_cost_raw"] == pytest.approx(0.00778125)
-    assert row["pp"] == pytest.approx((0.75 * SCALE - 0.00778125) / 0.1)
+    assert row["pp"] == pytest.approx((0.75 - 10 * 0.00778125) / 0.1)
+    k3 = _score(settings=s.model_copy(update={"bucket_per_return": 3.0}), adv=adv).table.iloc[0]
+    assert k3["transaction_cost"] == pytest.approx(3 * 0.00778125)
+    assert k3["pp_raw"] == row["pp_raw"]  # the raw basis does not use the conversion
     # Meta [1, 0, 0, -1]: 1 * (0.001 + 0.01 * 1) + 1 * (0.001 + 0.01 / 16) = 0.0126250
     assert out.meta.iloc[0]["transaction_cost"] == pytest.approx(0.012625)
     assert out.meta.iloc[0]["net_return"] == pytest.approx(0.07 - 0.012625)
@@ -250,7 +330,7 @@ def test_unresolved_ids_count_as_zero_return():
     row = _score(resolved=resolved).table.iloc[0]
     # r on resolved ids: 0.03, -0.01, 0.02; s4 counts 0: PR = 0.5 (0.02) - 0.5 (0.02) = 0
     assert row["pr"] == pytest.approx(0.0)
-    b = bucketed_returns(np.array([1.0, 0.75, 0.25]), np.array([0.03, -0.01, 0.02]))
+    b = np.array([1.0, 0.75, 0.25]) - 2 / 3  # centred over the resolved ids; s4 counts 0
     assert row["pb"] == pytest.approx(0.5 * (b[0] + b[1]) - 0.5 * b[2])
 
 

@@ -13,6 +13,7 @@ from tc_assets.defs.checks import check_finite, round_check
 from tc_assets.defs.metadata import markdown_table, timer
 from tc_assets.defs.partitions import WAREHOUSE_POOL, round_of, rounds_partitions
 from tc_assets.defs.resources import WarehouseResource
+from tc_assets.io.contract import RETURN_COLUMN
 from tc_assets.scoring.contribution import TCSettings, true_contribution
 from tc_assets.scoring.meta_model import prediction_matrix
 from tc_assets.scoring.optimizer import (
@@ -103,7 +104,12 @@ def meta_portfolio(
         columns=("weight",),
     )
     target = centred_target(resolved, universe.index, "target")
-    ret = centred_target(resolved, universe.index, "return")
+    realized = {"realized_R_target": float(sol.weights @ target)}
+    if RETURN_COLUMN in resolved.columns:
+        ret = centred_target(resolved, universe.index, RETURN_COLUMN)
+        realized["realized_R_return"] = float(sol.weights @ ret)
+    else:
+        context.log.info(f"round {r}: no realized returns, realized_R_return is skipped")
     top = frame.assign(abs_weight=frame["weight"].abs()).nlargest(10, "abs_weight")
     return dg.Output(
         frame,
@@ -111,8 +117,7 @@ def meta_portfolio(
             "round": r,
             "status": sol.status,
             "objective": sol.objective,
-            "realized_R_target": float(sol.weights @ target),
-            "realized_R_return": float(sol.weights @ ret),
+            **realized,
             "iterations": sol.iterations,
             "kkt_residual": sol.kkt_residual,
             "active_position_caps": sol.active_caps,
@@ -206,6 +211,15 @@ def tc_scores(
     spec = round_spec(universe, round_info, market, optimizer.settings())
     preds = predictions.reindex(universe.index)
     stake = stakes["stake"].reindex(preds.columns).fillna(0.0)
+    if settings.target_column not in resolved.columns:
+        raise _failure(
+            ValueError(
+                f"round {r}: TC is configured on target_column {settings.target_column!r}, but "
+                f"this round's resolved.parquet has no {settings.target_column!r} column (it "
+                "published targets only); set target_column: target to score TC on the target"
+            ),
+            r,
+        )
     target = centred_target(resolved, universe.index, settings.target_column)
     with timer() as t_rank:
         p = prediction_matrix(preds.to_numpy(dtype=np.float64))

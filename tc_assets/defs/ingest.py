@@ -14,7 +14,7 @@ from tc_assets.defs.config import IngestConfig
 from tc_assets.defs.metadata import markdown_table, timer
 from tc_assets.defs.partitions import WAREHOUSE_POOL, round_of, rounds_partitions
 from tc_assets.defs.resources import RoundSourceResource, WarehouseResource
-from tc_assets.io.contract import RoundInputError
+from tc_assets.io.contract import RETURN_COLUMN, RoundInputError
 from tc_assets.io.ingest import (
     RoundInputs,
     ingest_round,
@@ -183,7 +183,8 @@ def resolved(
     round_source: RoundSourceResource,
     warehouse: WarehouseResource,
 ):
-    """Targets and realized returns (index: id) once resolved.parquet has arrived.
+    """Targets, and realized returns when published (index: id), once resolved.parquet has
+    arrived.
 
     Until then nothing is produced: the target-dependent assets downstream are skipped, and
     the resolution sensor materializes them when the file appears.
@@ -202,20 +203,27 @@ def resolved(
         return
     with timer() as t:
         counts = warehouse.get().write_round(r, {"resolved": resolved_table(frame)})
-    yield dg.Output(
-        frame,
-        metadata={
-            "round": r,
-            "rows": counts["resolved"],
-            "coverage": len(frame) / len(universe),
-            "target_distribution": {
-                f"{k:g}": round(float(v), 4)
-                for k, v in frame["target"].value_counts(normalize=True).sort_index().items()
-            },
-            "return_std": float(frame["return"].std()),
-            "write_seconds": t["seconds"],
+    has_returns = RETURN_COLUMN in frame.columns
+    metadata: dict = {
+        "round": r,
+        "rows": counts["resolved"],
+        "coverage": len(frame) / len(universe),
+        "target_distribution": {
+            f"{k:g}": round(float(v), 4)
+            for k, v in frame["target"].value_counts(normalize=True).sort_index().items()
         },
-    )
+        "has_returns": has_returns,
+        "write_seconds": t["seconds"],
+    }
+    if has_returns:
+        metadata["return_std"] = float(frame[RETURN_COLUMN].std())
+    else:
+        context.log.info(
+            f"round {r}: resolved.parquet has targets only (no return column): the round is "
+            "scored and paid in bucket space; the raw-return payout basis, the realized-return "
+            "metadata and the capacity curves are skipped."
+        )
+    yield dg.Output(frame, metadata=metadata)
 
 
 assets = [round_inputs, resolved]

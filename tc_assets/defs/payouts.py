@@ -218,10 +218,12 @@ def portfolio_scores(
     meta_portfolio: pd.DataFrame,
     warehouse: WarehouseResource,
 ) -> dg.Output[pd.DataFrame]:
-    """Portfolio-weight submissions scored against the bucketed and raw returns (PB, PR), the
-    meta portfolio's (MB, MR), transaction costs, payout percentages, payouts, the scenario of
-    moving a fraction of the fund into each, and capacity curves (plot attached, PNG saved
-    beside the warehouse). Invalid portfolio files were rejected at ingestion, with reasons."""
+    """Portfolio-weight submissions scored against the centred target (PB, target units) and
+    the realized return (PR), the meta portfolio's (MB, MR), transaction costs, payout
+    percentages, payouts, the scenario of moving a fraction of the fund into each, and capacity
+    curves (plot attached, PNG saved beside the warehouse). A round resolved without returns is
+    paid in bucket space; its return-space outputs are NULL and the reason is logged. Invalid
+    portfolio files were rejected at ingestion, with reasons."""
     r = round_of(context)
     wh = warehouse.get()
     settings = pw.PortfolioPayoutSettings(**config.model_dump())
@@ -231,23 +233,33 @@ def portfolio_scores(
         valid_stake(stakes["stake"], predicted.union(portfolio_models)), rules.stake_threshold
     )
     with timer() as t:
-        scored = pw.score_portfolios(
-            portfolios,
-            meta_portfolio["weight"],
-            resolved,
-            stakes["stake"],
-            factor,
-            rules.clip,
-            market,
-            settings,
-        )
+        try:
+            scored = pw.score_portfolios(
+                portfolios,
+                meta_portfolio["weight"],
+                resolved,
+                stakes["stake"],
+                factor,
+                rules.clip,
+                market,
+                settings,
+            )
+        except ValueError as exc:
+            raise dg.Failure(description=f"round {r}: {exc}", allow_retries=False) from exc
         table = scored.table
         curves = (
             pw.capacity_curves(
                 list(table["model_id"]), table["pr"].to_numpy(), scored.terms, settings
             )
-            if scored.terms is not None and len(table)
+            if scored.terms is not None and scored.has_returns and len(table)
             else pd.DataFrame(columns=pw.CAPACITY_COLUMNS)
+        )
+    if not scored.has_returns:
+        context.log.info(
+            f"round {r}: resolved.parquet has no return column, so the round is paid in bucket "
+            "space only: PR, MR, PP_raw, the marginal return, scenario and the capacity curves "
+            "need realized returns and are skipped (NULL); whether the meta portfolio lost is "
+            "read from MB < 0 instead of MR < 0 (meta_loss_basis = 'mb')."
         )
     if len(scored.rejected):
         context.log.warning(f"round {r}: portfolios breaking the contract: {scored.rejected}")
@@ -270,8 +282,11 @@ def portfolio_scores(
         "models_rejected": len(rejected) + len(scored.rejected),
         "rejected_at_ingestion": markdown_table(rejected, max_rows=20),
         "cost_model": scored.cost_model,
+        "bucket_per_return": settings.bucket_per_return,
         "meta_mb": float(meta["mb"]),
         "meta_mr": float(meta["mr"]),
+        "meta_loss_basis": str(meta["meta_loss_basis"]),
+        "meta_lost": bool(meta["meta_lost"]),
         "meta_transaction_cost": float(meta["transaction_cost"]),
         "payout_factor": factor,
         "total_payout": float(table["payout"].sum()),
@@ -285,6 +300,8 @@ def portfolio_scores(
         "compute_seconds": t["seconds"],
         "write_seconds": t_write["seconds"],
     }
+    if not scored.has_returns:
+        metadata["capacity_curves"] = "skipped: the round has no realized returns"
     if len(curves):
         png = _capacity_png(curves, table, settings.long_market_value_usd, r)
         path = Path(warehouse.directory) / "capacity_curves" / f"round_{r}.png"
@@ -329,20 +346,26 @@ def sharpe_contribution_asset(
 ) -> dg.Output[pd.DataFrame]:
     """For each portfolio model: the Sharpe of the meta portfolio's net returns over the last
     `window_rounds` resolved rounds with a fraction moved into the model, minus the meta
-    portfolio's own (rounds the model skipped: nothing moved). Read from the warehouse."""
+    portfolio's own (rounds the model skipped: nothing moved). Read from the warehouse. Rounds
+    resolved without returns have no net return and are left out of the window."""
     r = round_of(context)
     wh = warehouse.get()
     meta = wh.query(
-        "SELECT round, net_return FROM meta_portfolio_returns WHERE round <= ? "
-        "ORDER BY round DESC LIMIT ?",
+        "SELECT round, net_return FROM meta_portfolio_returns "
+        "WHERE round <= ? AND net_return IS NOT NULL ORDER BY round DESC LIMIT ?",
         [r, config.window_rounds],
     ).set_index("round")["net_return"]
+    if r not in meta.index:
+        context.log.info(
+            f"round {r} has no realized returns: its Sharpe window is the last "
+            f"{len(meta)} round(s) with returns"
+        )
     rounds = [int(x) for x in meta.index]
     marginal = (
         wh.query(
             "SELECT round, model_id, marginal_return FROM portfolio_scores "
-            f"WHERE round IN ({','.join('?' * len(rounds))})",
-            rounds,
+            "WHERE round BETWEEN ? AND ?",
+            [min(rounds + [r]), r],
         )
         .pivot(index="round", columns="model_id", values="marginal_return")
         .reindex(meta.index)

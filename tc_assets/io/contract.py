@@ -28,6 +28,7 @@ STAKES_FILE = "stakes.csv"
 PREDICTIONS_DIR = "predictions"
 PORTFOLIOS_DIR = "portfolios"
 RESOLVED_FILE = "resolved.parquet"
+RETURN_COLUMN = "return"  # optional in RESOLVED_FILE: a round may publish only targets
 SUBMISSION_SUFFIXES = (".csv", ".parquet")
 
 DEFAULT_STAKE_THRESHOLD = 72_000.0
@@ -289,25 +290,30 @@ def validate_market(df: pd.DataFrame, live_ids: pd.Index) -> pd.Series:
 
 
 def validate_resolved(df: pd.DataFrame, live_ids: pd.Index) -> pd.DataFrame:
-    """resolved.parquet: id, target in the five buckets, finite return; indexed by id."""
-    missing = [c for c in ("id", "target", "return") if c not in df.columns]
+    """resolved.parquet: id, target in the five buckets, and optionally a finite return;
+    indexed by id. The result has a `return` column only when the file has one."""
+    missing = [c for c in ("id", "target") if c not in df.columns]
     if missing:
         raise RoundInputError(f"{RESOLVED_FILE}: missing column(s) {missing}")
     ids = df["id"].astype("string")
     if ids.isna().any() or ids.duplicated().any():
         raise RoundInputError(f"{RESOLVED_FILE}: ids must be present and unique")
     target = pd.to_numeric(df["target"], errors="coerce").to_numpy(dtype=np.float64)
-    ret = pd.to_numeric(df["return"], errors="coerce").to_numpy(dtype=np.float64)
     bad_target = ~np.isin(target, TARGET_VALUES)
     if bad_target.any():
         raise RoundInputError(
             f"{RESOLVED_FILE}: {int(bad_target.sum())} target values outside {TARGET_VALUES}"
         )
-    if not np.all(np.isfinite(ret)):
-        raise RoundInputError(f"{RESOLVED_FILE}: return has NaN or infinite values")
-    out = pd.DataFrame(
-        {"target": target, "return": ret}, index=pd.Index(ids.to_numpy(dtype=object), name="id")
-    )
+    columns = {"target": target}
+    if RETURN_COLUMN in df.columns:
+        ret = pd.to_numeric(df[RETURN_COLUMN], errors="coerce").to_numpy(dtype=np.float64)
+        if not np.all(np.isfinite(ret)):
+            raise RoundInputError(
+                f"{RESOLVED_FILE}: return has NaN or infinite values (leave the column out "
+                "when the round publishes only targets)"
+            )
+        columns[RETURN_COLUMN] = ret
+    out = pd.DataFrame(columns, index=pd.Index(ids.to_numpy(dtype=object), name="id"))
     out = out[live_ids.get_indexer(out.index) >= 0].sort_index()
     if len(out) < MIN_COVERAGE * len(live_ids):
         raise RoundInputError(

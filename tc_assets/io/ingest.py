@@ -230,7 +230,8 @@ def ingest_round(
 
 
 def load_resolved(source: RoundSource, round_number: int, ids: pd.Index) -> pd.DataFrame | None:
-    """The round's targets and returns by id, or None while resolved.parquet has not arrived."""
+    """The round's targets (and returns, when published) by id, or None while resolved.parquet
+    has not arrived."""
     rel = source.round_path(round_number, c.RESOLVED_FILE)
     if not source.exists(rel):
         return None
@@ -314,10 +315,12 @@ def warehouse_tables(inputs: RoundInputs, source_uri: str) -> dict[str, pd.DataF
 
 
 def resolved_table(resolved: pd.DataFrame) -> pd.DataFrame:
+    """The `resolved` rows; `return` is NULL for a round resolved with targets only."""
+    ret = c.RETURN_COLUMN
     return pd.DataFrame(
         {
             "id": resolved.index.to_numpy(),
             "target": resolved["target"].to_numpy(),
-            "return": resolved["return"].to_numpy(),
+            ret: resolved[ret].to_numpy() if ret in resolved.columns else np.nan,
         }
     )

@@ -91,7 +91,8 @@ TABLES: dict[str, Table] = {
         ),
         _t(
             "resolved",
-            "Targets and realized residual returns, once the round resolves.",
+            "Targets and realized residual returns, once the round resolves; `return` is NULL "
+            "for a round that published targets only.",
             "round INTEGER, id VARCHAR, target DOUBLE, return DOUBLE",
             "round id",
         ),
@@ -154,11 +155,16 @@ TABLES: dict[str, Table] = {
         ),
         _t(
             "portfolio_scores",
-            "Portfolio-weight submissions: PB, PR, MB, MR, transaction cost, payout "
-            "percentages, marginal return of moving a fraction of the fund into the portfolio "
-            "and its scenario (A-D), payout, and capacity under the liquidity model (LMV of the "
-            "largest dollar return, that return, and the LMV past which it loses money).",
+            "Portfolio-weight submissions: PB and MB (target units), PR and MR (return units), "
+            "whether the meta portfolio lost money (`meta_lost`) judged on MR or, in a round "
+            "without returns, on MB (`meta_loss_basis` 'mr' or 'mb'), transaction cost "
+            "(`transaction_cost` in target units, `transaction_cost_raw` in return units), "
+            "payout percentages, marginal return of moving a fraction of the fund into the "
+            "portfolio and its scenario (A-D), payout, and capacity under the liquidity model "
+            "(LMV of the largest dollar return, that return, and the LMV past which it loses "
+            "money). Return-space columns are NULL in a round without returns.",
             "round INTEGER, model_id VARCHAR, pb DOUBLE, pr DOUBLE, mb DOUBLE, mr DOUBLE, "
+            "meta_loss_basis VARCHAR, meta_lost BOOLEAN, "
             "transaction_cost DOUBLE, pp DOUBLE, scenario VARCHAR, transaction_cost_raw DOUBLE, "
             "pp_raw DOUBLE, marginal_return DOUBLE, stake DOUBLE, payout_factor DOUBLE, "
             "payout DOUBLE, capacity_usd DOUBLE, breakeven_usd DOUBLE, "
@@ -167,10 +173,13 @@ TABLES: dict[str, Table] = {
         ),
         _t(
             "meta_portfolio_returns",
-            "The optimized meta portfolio's bucketed and raw return, its transaction cost and "
-            "net return per round (the Sharpe contribution's baseline).",
-            "round INTEGER, mb DOUBLE, mr DOUBLE, transaction_cost DOUBLE, net_return DOUBLE, "
-            "long_market_value_usd DOUBLE, cost_model VARCHAR",
+            "The optimized meta portfolio's bucketed (target units) and raw return, whether it "
+            "lost money and on which measure, its transaction cost (return units) and net "
+            "return per round (the Sharpe contribution's baseline; NULL without returns), and "
+            "the bucket_per_return conversion the round's bucketed costs used.",
+            "round INTEGER, mb DOUBLE, mr DOUBLE, meta_loss_basis VARCHAR, meta_lost BOOLEAN, "
+            "transaction_cost DOUBLE, net_return DOUBLE, "
+            "long_market_value_usd DOUBLE, cost_model VARCHAR, bucket_per_return DOUBLE",
             "round",
         ),
         _t(

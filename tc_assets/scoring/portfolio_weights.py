@@ -1,26 +1,26 @@
 """Payouts for portfolio-weight submissions, their marginal value to the fund, and capacity.
 
 **Units.** A valid portfolio ``w`` is dollar neutral with longs summing to 1 (gross 2), like the
-optimized meta portfolio ``m``; ``w . r`` is then a return per dollar of long market value (LMV).
-Every return and cost below is in these units.
+optimized meta portfolio ``m``. Two spaces:
 
-**Bucketed residual return** ``b``: the target (buckets 0..1) mapped to return units, per round,
-over the resolved ids::
+* *bucket space* (target units): ``b_i = target_i - mean(target)`` over the resolved ids, the
+  centred bucketed residual return (buckets 0, 0.25, ..., 1). ``PB = w . b`` is the mean target of
+  the longs minus that of the shorts (a valid ``w`` sums to 0, so centring changes nothing:
+  ``PB = w . target`` when every held id is resolved). No stock return is needed: a round that
+  publishes only targets is paid in this space.
+* *return space* (return units): ``r`` the realized residual return (the optional ``return``
+  column); ``w . r`` is a return per dollar of long market value (LMV).
 
-    b_i = (target_i - mean(target)) * std(r) / std(target)
+Held ids without a resolution count as b = r = 0.
 
-Centring makes ``b`` a residual: a book that is not dollar neutral (the meta portfolio, within
-solver tolerance) earns nothing from the buckets' level, and a valid ``w`` gets exactly
-``w . target`` rescaled. The scale gives ``b`` the cross-sectional spread of the realized return
-``r`` (the ``return`` column): ``b`` is ``r`` with its tails bucketed, so PB and PR, MB and MR and
-one transaction cost are directly comparable. Held ids without a resolution count as b = r = 0.
-
-**Scores**: ``PB = w.b``, ``PR = w.r``, ``MB = m.b``, ``MR = m.r``.
+**Scores**: ``PB = w.b``, ``MB = m.b`` (target units); ``PR = w.r``, ``MR = m.r`` (return
+units, NaN without returns).
 
 **Transaction cost** of building a portfolio from an empty book (payouts do not depend on
 holdings) at the fund's long market value ``L``, in return units (cost dollars / L):
 
-* ``constant``: ``t`` for the raw-return form and ``t_b`` for the bucketed form, any portfolio;
+* ``constant``: ``t`` (return units) for the raw form and ``t_b`` (target units) for the
+  bucketed form, any portfolio;
 * ``liquidity``: position i trades ``D_i = |w_i| L`` dollars and pays, per dollar, a spread term
   plus an impact term that grows with its size against the stock's average daily volume::
 
@@ -29,18 +29,30 @@ holdings) at the fund's long market value ``L``, in return units (cost dollars /
       G(w) = sum_i |w_i|,   A(w) = sum_i |w_i| ** (1 + alpha) / adv_i ** alpha
 
   so a position's cost is superlinear in its dollars (alpha = 0.5: the square-root law), and a
-  concentrated bet on illiquid names costs more than the same return from liquid names. ``b`` is
-  in return units, so the one cost serves both forms (t = t_b). A held id without ``adv_usd`` is
-  charged at the round's smallest ADV.
+  concentrated bet on illiquid names costs more than the same return from liquid names. A held
+  id without ``adv_usd`` is charged at the round's smallest ADV. The raw form pays ``t = TC``;
+  the bucketed form pays ``t_b = k * TC`` with ``k = bucket_per_return`` (target units per unit
+  of return), a constant of the configuration, not of the round, so the cost needs no returns.
 
-**Payout percentage** (``MR < 0``: the meta portfolio lost money; ``c_b`` weighs those rounds)::
+**Bucket per return** ``k``: the pooled within-round least-squares slope of the target on the
+return over resolved history (``estimate_bucket_per_return``; ``tc-platform bucket-per-return``
+computes it from the warehouse). It is the target a portfolio earns per unit of return it
+earns, ``E[PB] ~= k PR`` for a portfolio that does not know the bucketing noise, so
+``PB - k TC`` is the bucketed counterpart of ``PR - TC``. The ratio of spreads
+``std(target) / std(return)`` would overstate it by ``1 / corr(target, return)``.
 
-    PP     = c_b * (PB - t_b) / g   if MR < 0   else (PB - t_b) / g
-    PP_raw = c_b * c * (PR - t)     if MR < 0   else c * (PR - t)
+**Payout percentage**. The meta portfolio lost money when ``MR < 0``; a round without returns
+uses ``MB < 0`` instead, and each row records which (``meta_loss_basis``) and the outcome
+(``meta_lost``); ``c_b`` weighs those rounds::
+
+    PP     = c_b * (PB - t_b) / g   if meta_lost   else (PB - t_b) / g
+    PP_raw = c_b * c * (PR - t)     if meta_lost   else c * (PR - t)
     payout = stake * clip(payout_factor * PP_basis, -clip, +clip)
 
-with ``PP_basis`` = PP (``payout_basis="bucketed"``, default) or PP_raw, and ``payout_factor``
-and ``clip`` the round's, as for classic payouts.
+with ``PP_basis`` = PP (``payout_basis="bucketed"``, default) or PP_raw (``"raw"``, needs
+returns), and ``payout_factor`` and ``clip`` the round's, as for classic payouts. ``g`` (target
+units) defaults to 1, the default ``k / c``: then ``E[PP] ~= PP_raw`` and the two forms pay
+alike in expectation.
 
 **Marginal contribution.** The fund at LMV ``L`` moves a fraction ``f`` of it from the meta
 portfolio into the user's: it holds the blended book ``v = (1 - f) m + f w`` instead of ``m``.
@@ -52,7 +64,9 @@ Orders in the same stock net, so the cost is that of the blended book::
 names the meta portfolio already trades heavily costs more than adding elsewhere, and moving
 out of the meta portfolio saves its marginal impact. ``scenario``: A when MR >= 0 and delta > 0 (meta
 made money, the user more), B when MR >= 0 and delta <= 0, C when MR < 0 and delta >= 0 (meta
-lost, the user lost less or made money), D when MR < 0 and delta < 0.
+lost, the user lost less or made money), D when MR < 0 and delta < 0. The marginal return, the
+scenario, the Sharpe contribution and capacity are the fund's dollars, in return space: a round
+without returns has them NaN (and is left out of Sharpe windows).
 
 **Sharpe contribution** over a window of rounds: with the meta portfolio's net return
 ``R_t = MR_t - TC(m; L)_t`` and ``delta_t`` a model's marginal return (0 in rounds it did not
@@ -88,10 +102,13 @@ __all__ = [
     "LiquidityTerms",
     "PortfolioPayoutSettings",
     "PortfolioRound",
+    "BucketPerReturn",
     "bucketed_returns",
     "capacity",
     "capacity_curves",
     "check_portfolios",
+    "estimate_bucket_per_return",
+    "meta_lost",
     "liquidity_cost",
     "liquidity_terms",
     "marginal_return",
@@ -112,6 +129,8 @@ PORTFOLIO_SCORE_COLUMNS = [
     "pr",
     "mb",
     "mr",
+    "meta_loss_basis",
+    "meta_lost",
     "transaction_cost",
     "pp",
     "scenario",
@@ -126,7 +145,17 @@ PORTFOLIO_SCORE_COLUMNS = [
     "peak_dollar_return_usd",
     "cost_model",
 ]
-META_COLUMNS = ["mb", "mr", "transaction_cost", "net_return", "long_market_value_usd", "cost_model"]
+META_COLUMNS = [
+    "mb",
+    "mr",
+    "meta_loss_basis",
+    "meta_lost",
+    "transaction_cost",
+    "net_return",
+    "long_market_value_usd",
+    "cost_model",
+    "bucket_per_return",
+]
 CAPACITY_COLUMNS = ["model_id", "long_market_value_usd", "dollar_return_usd", "cost_usd"]
 SHARPE_COLUMNS = [
     "model_id",
@@ -159,10 +188,19 @@ class PortfolioPayoutSettings(BaseModel):
         "default size.",
     )
     t_b: float = Field(
-        default=0.003,
+        default=0.03,
         ge=0,
-        description="Constant model: cost subtracted from PB (b is in return units, so by "
-        "default the same as t).",
+        description="Constant model: cost subtracted from PB (target units). Default 0.03 = "
+        "bucket_per_return * t: the same cost as t, in bucket space.",
+    )
+    bucket_per_return: float = Field(
+        default=10.0,
+        gt=0,
+        description="k: target units per unit of return, converts the liquidity cost (return "
+        "units) to bucket space, t_b = k * TC, without the round's returns. Estimate: the pooled "
+        "within-round least-squares slope of target on return over resolved rounds "
+        "(`tc-platform bucket-per-return --warehouse FILE`); default 10.0, measured 10.1 on the "
+        "generated demo rounds 1-8. Refresh it when the return or target definition changes.",
     )
     spread_bps: float = Field(
         default=5.0,
@@ -190,11 +228,12 @@ class PortfolioPayoutSettings(BaseModel):
         "default). Default 1e8.",
     )
     g: float = Field(
-        default=0.1,
+        default=1.0,
         gt=0,
-        description="Divisor of the bucketed form: PP = (PB - t_b) / g. Default 0.1: a "
-        "portfolio return of 0.5% of LMV after cost is a payout percentage of 5% (the default "
-        "clip).",
+        description="Divisor of the bucketed form, target units: PP = (PB - t_b) / g. Default "
+        "1 = bucket_per_return / c, so that PP ~= PP_raw in expectation: a long-short target "
+        "spread of 0.05 after cost (a fifth of a bucket step) is a payout percentage of 5% "
+        "(the default clip).",
     )
     c: float = Field(
         default=10.0,
@@ -205,12 +244,13 @@ class PortfolioPayoutSettings(BaseModel):
         default=2.0,
         gt=0,
         description="Weight of both forms in rounds where the meta portfolio lost money "
-        "(MR < 0). Default 2: returns count double when the fund needs them.",
+        "(MR < 0, or MB < 0 in a round without returns). Default 2: returns count double when "
+        "the fund needs them.",
     )
     payout_basis: Literal["bucketed", "raw"] = Field(
         default="bucketed",
         description="Which payout percentage the payout is computed from: PP ('bucketed', "
-        "default) or PP_raw ('raw').",
+        "default, needs targets only) or PP_raw ('raw', needs the round's returns).",
     )
     move_fraction: float = Field(
         default=0.01,
@@ -248,17 +288,52 @@ class PortfolioPayoutSettings(BaseModel):
 # --- formulas -------------------------------------------------------------------------------
 
 
-def bucketed_returns(target: np.ndarray, returns: np.ndarray) -> np.ndarray:
-    """b = (target - mean(target)) * std(r) / std(target) (population std); 0 if target is flat."""
+def bucketed_returns(target: np.ndarray) -> np.ndarray:
+    """b = target - mean(target): the bucketed residual return in target units."""
     t = np.asarray(target, np.float64)
-    r = np.asarray(returns, np.float64)
-    if t.shape != r.shape or t.ndim != 1:
-        raise ValueError(f"target and returns must be 1-d of one length: {t.shape}, {r.shape}")
-    if not (np.all(np.isfinite(t)) and np.all(np.isfinite(r))):
-        raise ValueError("target and returns must be finite")
-    centred = t - t.mean()
-    st = t.std()
-    return centred * (r.std() / st) if st > 0 else np.zeros_like(t)
+    if t.ndim != 1:
+        raise ValueError(f"target must be 1-d, got shape {t.shape}")
+    if not np.all(np.isfinite(t)):
+        raise ValueError("target must be finite")
+    return t - t.mean() if t.size else t
+
+
+@dataclass(frozen=True)
+class BucketPerReturn:
+    """The estimate of k (target units per unit of return) and what it rests on.
+
+    slope: pooled within-round least-squares slope of target on return.
+    per_round: the same slope round by round (index: round), to see its stability.
+    rows: resolved ids with both a target and a return that entered the estimate.
+    """
+
+    slope: float
+    per_round: pd.Series
+    rows: int
+
+
+def estimate_bucket_per_return(resolved: pd.DataFrame) -> BucketPerReturn:
+    """k = sum_r sum_i (t_i - tbar_r)(x_i - xbar_r) / sum_r sum_i (x_i - xbar_r)^2.
+
+    `resolved`: columns round, target, return over any number of rounds; rows without a return
+    (rounds that published only targets) are left out. Centring within each round removes the
+    round's level, as b does. Raises ValueError when no round has a spread of returns.
+    """
+    missing = {"round", "target", "return"} - set(resolved.columns)
+    if missing:
+        raise ValueError(f"resolved history lacks column(s) {sorted(missing)}")
+    d = resolved[["round", "target", "return"]].dropna().astype({"round": np.int64})
+    if not np.all(np.isfinite(d[["target", "return"]].to_numpy(np.float64))):
+        raise ValueError("resolved history has non-finite targets or returns")
+    grouped = d.groupby("round")[["target", "return"]]
+    c = d[["target", "return"]] - grouped.transform("mean")
+    cross = (c["target"] * c["return"]).groupby(d["round"]).sum()
+    spread = (c["return"] ** 2).groupby(d["round"]).sum()
+    if spread.sum() <= 0:
+        raise ValueError("no resolved round with returns that vary: nothing to estimate from")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_round = (cross / spread).where(spread > 0)
+    return BucketPerReturn(float(cross.sum() / spread.sum()), per_round.rename("slope"), len(d))
 
 
 @dataclass(frozen=True)
@@ -321,20 +396,30 @@ def liquidity_cost(
     return float(cost[0]) if np.asarray(weights).ndim == 1 else cost
 
 
+def meta_lost(mr: float, mb: float) -> tuple[str, bool]:
+    """Whether the meta portfolio lost money, and on which measure: ("mr", MR < 0) when the
+    round has returns (MR finite), else ("mb", MB < 0)."""
+    if np.isfinite(mr):
+        return "mr", bool(mr < 0)
+    if not np.isfinite(mb):
+        raise ValueError("neither MR nor MB is finite: cannot tell whether the meta portfolio lost")
+    return "mb", bool(mb < 0)
+
+
 def payout_percentage(
-    pb: np.ndarray | float, t_b: np.ndarray | float, mr: float, g: float, c_b: float
+    pb: np.ndarray | float, t_b: np.ndarray | float, lost: bool, g: float, c_b: float
 ) -> np.ndarray:
-    """PP = c_b (PB - t_b) / g when MR < 0, else (PB - t_b) / g."""
+    """PP = c_b (PB - t_b) / g when the meta portfolio lost (`lost`), else (PB - t_b) / g."""
     base = (np.asarray(pb, np.float64) - t_b) / g
-    return c_b * base if mr < 0 else base
+    return c_b * base if lost else base
 
 
 def raw_payout_percentage(
-    pr: np.ndarray | float, t: np.ndarray | float, mr: float, c: float, c_b: float
+    pr: np.ndarray | float, t: np.ndarray | float, lost: bool, c: float, c_b: float
 ) -> np.ndarray:
-    """PP_raw = c_b c (PR - t) when MR < 0, else c (PR - t)."""
+    """PP_raw = c_b c (PR - t) when the meta portfolio lost (`lost`), else c (PR - t)."""
     base = c * (np.asarray(pr, np.float64) - t)
-    return c_b * base if mr < 0 else base
+    return c_b * base if lost else base
 
 
 def marginal_return(
@@ -353,8 +438,11 @@ def marginal_return(
 
 
 def scenario(mr: float, delta: np.ndarray | float) -> np.ndarray:
-    """A: MR >= 0, delta > 0. B: MR >= 0, delta <= 0. C: MR < 0, delta >= 0. D: MR < 0, delta < 0."""
+    """A: MR >= 0, delta > 0. B: MR >= 0, delta <= 0. C: MR < 0, delta >= 0. D: MR < 0, delta < 0.
+    None everywhere when MR is NaN (a round without returns)."""
     d = np.asarray(delta, np.float64)
+    if not np.isfinite(mr):
+        return np.full(d.shape, None, dtype=object)
     if mr >= 0:
         return np.where(d > 0, "A", "B")
     return np.where(d >= 0, "C", "D")
@@ -470,6 +558,7 @@ class PortfolioRound:
     meta: META_COLUMNS of the meta portfolio (a one-row frame).
     rejected: model_id, reason for the portfolios that break the contract's invariants.
     terms: liquidity terms of the scored portfolios (None without market data).
+    has_returns: the round's resolution has returns (PR, MR, capacity are NaN without).
     """
 
     table: pd.DataFrame
@@ -477,6 +566,7 @@ class PortfolioRound:
     rejected: pd.DataFrame
     terms: LiquidityTerms | None
     cost_model: str
+    has_returns: bool
 
 
 def score_portfolios(
@@ -494,22 +584,32 @@ def score_portfolios(
     Args:
         weights: ids x models (0 = not held); the universe of the round.
         meta_weights: the optimized meta portfolio by id (missing ids: 0).
-        resolved: index id; target, return.
+        resolved: index id; target, and return when the round has returns (the column may be
+            absent: PR, MR, PP_raw, the marginal return, scenario and capacity are then NaN).
         stakes: stake by model_id (a model without one has stake 0).
         payout_factor, clip: the round's, as for classic payouts.
         adv_usd: average daily dollar volume by id, or None (constant costs then).
         settings: the design's constants.
+    Raises ValueError for payout_basis 'raw' without returns, or an invalid meta portfolio.
     """
     s = settings or PortfolioPayoutSettings()
     ids = weights.index
     if ids.has_duplicates:
         raise ValueError("weights has duplicate ids")
+    has_returns = "return" in resolved.columns
+    if s.payout_basis == "raw" and not has_returns:
+        raise ValueError(
+            "payout_basis 'raw' pays on realized returns, and this round's resolution has no "
+            "return column; pay it on 'bucketed' (targets only)"
+        )
     res = resolved.reindex(ids)
-    known = res["target"].notna().to_numpy() & res["return"].notna().to_numpy()
-    r = np.zeros(len(ids))
+    known = res["target"].notna().to_numpy()
     b = np.zeros(len(ids))
-    r[known] = res["return"].to_numpy(np.float64)[known]
-    b[known] = bucketed_returns(res["target"].to_numpy(np.float64)[known], r[known])
+    b[known] = bucketed_returns(res["target"].to_numpy(np.float64)[known])
+    if has_returns:
+        r = np.nan_to_num(res["return"].to_numpy(np.float64), nan=0.0)
+    else:
+        r = np.full(len(ids), np.nan)
 
     m = meta_weights.reindex(ids).fillna(0.0).to_numpy(np.float64)
     meta_bad = check_portfolios(pd.DataFrame({"meta": m}))
@@ -524,7 +624,8 @@ def score_portfolios(
     w = good.to_numpy(np.float64)
     pb, pr = b @ w, r @ w
     mb, mr = float(b @ m), float(r @ m)
-    f, lmv = s.move_fraction, s.long_market_value_usd
+    loss_basis, lost = meta_lost(mr, mb)
+    f, lmv, k = s.move_fraction, s.long_market_value_usd, s.bucket_per_return
 
     cost_model = s.cost_model if adv_usd is not None else "constant"
     terms = None
@@ -533,8 +634,8 @@ def score_portfolios(
         terms = liquidity_terms(w, adv, s.alpha)
     if cost_model == "liquidity":
         assert terms is not None
-        cost = terms.cost(lmv, s.spread, s.impact_coef)
-        t_raw, t_b = cost, cost
+        t_raw = terms.cost(lmv, s.spread, s.impact_coef)
+        t_b = k * t_raw
         meta_cost = float(liquidity_terms(m, adv, s.alpha).cost(lmv, s.spread, s.impact_coef)[0])
         blend = (1.0 - f) * m[:, None] + f * w
         blend_cost = liquidity_terms(blend, adv, s.alpha).cost(lmv, s.spread, s.impact_coef)
@@ -543,11 +644,11 @@ def score_portfolios(
         t_raw, t_b = np.full(len(pr), s.t), np.full(len(pr), s.t_b)
         meta_cost = s.t
         delta = marginal_return(pr, mr, f)
-    pp = payout_percentage(pb, t_b, mr, s.g, s.c_b)
-    pp_raw = raw_payout_percentage(pr, t_raw, mr, s.c, s.c_b)
+    pp = payout_percentage(pb, t_b, lost, s.g, s.c_b)
+    pp_raw = raw_payout_percentage(pr, t_raw, lost, s.c, s.c_b)
     basis = pp if s.payout_basis == "bucketed" else pp_raw
     stake = stakes.reindex(good.columns).fillna(0.0).to_numpy(np.float64)
-    if terms is not None:
+    if terms is not None and has_returns:
         cap = capacity(pr, terms, s.spread, s.impact_coef)
         peak, breakeven, best = cap.peak_usd, cap.breakeven_usd, cap.peak_dollar_return_usd
     else:
@@ -559,6 +660,8 @@ def score_portfolios(
             "pr": pr,
             "mb": mb,
             "mr": mr,
+            "meta_loss_basis": loss_basis,
+            "meta_lost": lost,
             "transaction_cost": t_b,
             "pp": pp,
             "scenario": scenario(mr, delta),
@@ -581,15 +684,18 @@ def score_portfolios(
             {
                 "mb": mb,
                 "mr": mr,
+                "meta_loss_basis": loss_basis,
+                "meta_lost": lost,
                 "transaction_cost": meta_cost,
                 "net_return": mr - meta_cost,
                 "long_market_value_usd": lmv,
                 "cost_model": cost_model,
+                "bucket_per_return": k,
             }
         ],
         columns=META_COLUMNS,
     )
-    return PortfolioRound(table, meta, rejected, terms, cost_model)
+    return PortfolioRound(table, meta, rejected, terms, cost_model, has_returns)
 
 
 def capacity_curves(

@@ -11,6 +11,8 @@ select
     p.stake,
     p.pb,
     p.pr,
+    p.meta_loss_basis,
+    p.meta_lost,
     p.transaction_cost,
     p.pp,
     p.scenario,

@@ -5,6 +5,8 @@ select
     stake,
     pb,
     pr,
+    meta_loss_basis,
+    meta_lost,
     transaction_cost,
     pp,
     scenario,
