@@ -80,3 +80,35 @@ def test_run_reports_a_missing_source_clearly(tmp_path):
     )
     assert run.returncode == 2
     assert "no rounds found" in run.stderr
+
+
+def test_bucket_per_return_is_estimated_from_the_warehouse_history(tmp_path, capsys):
+    """The estimate behind PortfolioPayoutSettings.bucket_per_return: on generated rounds it is
+    the default (10) within 5%; a round resolved with targets only is left out."""
+    from tc_assets.cli import main
+    from tc_assets.scoring.portfolio_weights import (
+        PortfolioPayoutSettings,
+        estimate_bucket_per_return,
+    )
+    from tests.conftest import SMALL, make_source
+
+    source = make_source(tmp_path / "src", [1, 2, 3], SMALL)
+    path = str(tmp_path / "wh.duckdb")
+    wh = Warehouse(path)
+    frames = []
+    for r in (1, 2, 3):
+        frame = pd.read_parquet(source / "rounds" / str(r) / "resolved.parquet")
+        wh.write_round(r, {"resolved": frame})
+        frames.append(frame.assign(round=r))
+    wh.write_round(4, {"resolved": frames[0][["id", "target"]].assign(**{"return": None})})
+    want = estimate_bucket_per_return(pd.concat(frames)).slope
+    assert want == pytest.approx(PortfolioPayoutSettings().bucket_per_return, rel=0.05)
+
+    assert main(["bucket-per-return", "--warehouse", path]) == 0
+    out = capsys.readouterr().out
+    assert f"bucket_per_return = {want:.4f}" in out and "over 3 round(s)" in out
+    assert "config: {bucket_per_return: " in out
+    assert main(["bucket-per-return", "--warehouse", path, "--rounds", "2"]) == 0
+    assert "over 1 round(s)" in capsys.readouterr().out
+    assert main(["bucket-per-return", "--warehouse", str(tmp_path / "none.duckdb")]) == 2
+    assert "no warehouse at" in capsys.readouterr().err

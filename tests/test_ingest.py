@@ -263,3 +263,15 @@ def test_an_empty_prediction_file_is_rejected_for_coverage(fresh_source):
     rejected = inputs.rejections.set_index("model_id")
     assert rejected.loc[model, "rule"] == c.Rule.LOW_COVERAGE
     assert "covers 0 of" in rejected.loc[model, "reason"]
+
+
+def test_return_is_optional_in_resolved_parquet():
+    ids = pd.Index(["a", "b", "c"])
+    targets_only = c.validate_resolved(pd.DataFrame({"id": ids, "target": [0.0, 0.5, 1.0]}), ids)
+    assert list(targets_only.columns) == ["target"] and len(targets_only) == 3
+    both = pd.DataFrame({"id": ids, "target": [0.0, 0.5, 1.0], "return": [-0.01, 0.0, 0.02]})
+    assert list(c.validate_resolved(both, ids).columns) == ["target", "return"]
+    with pytest.raises(c.RoundInputError, match="return has NaN.*leave the column out"):
+        c.validate_resolved(both.assign(**{"return": [0.1, None, 0.2]}), ids)
+    with pytest.raises(c.RoundInputError, match=r"missing column\(s\) \['target'\]"):
+        c.validate_resolved(both.drop(columns="target"), ids)

@@ -139,12 +139,12 @@ def test_portfolio_scores_on_a_generated_round(scored, small_source):
     assert (rejections["reason"].str.len() > 10).all()
     assert not set(bad["model_id"]) & set(table.index)
 
-    # PB, PR, MB, MR from the warehouse tables, b = (target - mean) * std(r) / std(target).
+    # PB, PR, MB, MR from the warehouse tables, b = target - mean(target).
     want = wh.query(
         f"""
         WITH res AS (SELECT * FROM resolved WHERE round = {r}),
-        k AS (SELECT avg(target) mt, stddev_pop("return") / stddev_pop(target) s FROM res),
-        b AS (SELECT id, (target - k.mt) * k.s AS b, "return" AS r FROM res CROSS JOIN k),
+        k AS (SELECT avg(target) mt FROM res),
+        b AS (SELECT id, target - k.mt AS b, "return" AS r FROM res CROSS JOIN k),
         meta AS (SELECT sum(m.weight * b.b) mb, sum(m.weight * b.r) mr
                  FROM meta_model m JOIN b USING (id) WHERE m.round = {r})
         SELECT p.model_id, sum(p.weight * b.b) pb, sum(p.weight * b.r) pr,
@@ -163,6 +163,8 @@ def test_portfolio_scores_on_a_generated_round(scored, small_source):
         up, np.where(gain, "A", "B"), np.where(table["marginal_return"] >= 0, "C", "D")
     )
     assert list(table["scenario"]) == list(expected)
+    assert (table["meta_loss_basis"] == "mr").all()
+    assert (table["meta_lost"] == (table["mr"] < 0)).all()
 
     # The concentrated bet on illiquid names costs the most (its capacity also depends on PR).
     positions = wh.query(
@@ -250,3 +252,114 @@ def test_configured_multiplier_elections_are_enforced_at_ingestion(
         value = stakes.loc[i, "corr_multiplier"]
         assert f"line {i + 2}: corr_multiplier {value:g} is not an allowed election" in message
     assert f"{len(outside)} bad row(s)" in message
+
+
+def _pb_by_sql(wh: Warehouse, r: int) -> pd.Series:
+    """w . target per portfolio, straight from the warehouse (no centring, no returns)."""
+    return wh.query(
+        f"""
+        SELECT p.model_id, sum(p.weight * v.target) AS pb
+        FROM portfolios p JOIN resolved v ON v.round = p.round AND v.id = p.id
+        WHERE p.round = {r} GROUP BY p.model_id
+        """
+    ).set_index("model_id")["pb"]
+
+
+BUCKETED = ["pb", "mb", "meta_lost", "transaction_cost", "pp", "payout"]
+
+
+def test_bucketed_payouts_do_not_depend_on_the_returns(scored, tmp_path, instance):
+    """Round 2 again with every return multiplied by 10: PB = w . target to 1e-12 and no
+    bucketed payout moves; PR and MR scale by 10."""
+    paths, _, _ = scored
+    r = 2
+    source = make_source(tmp_path / "source", [r])  # a round depends only on its settings
+    resolved = tmp_path / "source" / "rounds" / str(r) / "resolved.parquet"
+    frame = pd.read_parquet(resolved)
+    frame["return"] *= 10
+    frame.to_parquet(resolved)
+    defs, scaled_paths = platform(source, tmp_path)
+    assert run_payouts(defs, instance, r).success
+
+    before = Warehouse(paths.warehouse).read_round("portfolio_scores", r).set_index("model_id")
+    wh = Warehouse(scaled_paths.warehouse)
+    after = wh.read_round("portfolio_scores", r).set_index("model_id")
+    assert sorted(after.index) == sorted(before.index) and len(after) >= 3
+    np.testing.assert_allclose(after["pb"], _pb_by_sql(wh, r).loc[after.index], rtol=0, atol=1e-12)
+    for col in BUCKETED:
+        np.testing.assert_allclose(
+            after[col].astype(float), before.loc[after.index, col].astype(float), rtol=0, atol=1e-12
+        )
+    np.testing.assert_allclose(after["pr"], 10 * before.loc[after.index, "pr"], rtol=1e-12)
+    np.testing.assert_allclose(after["mr"], 10 * before.loc[after.index, "mr"], rtol=1e-12)
+    classic = Warehouse(paths.warehouse).read_round("payouts", r).set_index("model_id")
+    classic_after = wh.read_round("payouts", r).set_index("model_id")
+    np.testing.assert_allclose(
+        classic_after["payout"], classic.loc[classic_after.index, "payout"], rtol=0, atol=1e-9
+    )
+
+
+def _log_messages(instance, run_id: str) -> list[str]:
+    return [e.user_message for e in instance.all_logs(run_id) if e.user_message]
+
+
+def test_a_round_resolved_with_targets_only_is_scored_and_paid(tmp_path, instance):
+    """resolved.parquet with only id, target: the score_round job scores and pays the round in
+    bucket space, skips what needs returns and says why; TC on 'return' fails clearly."""
+    r = 1
+    source = make_source(tmp_path / "source", [r])
+    resolved = tmp_path / "source" / "rounds" / str(r) / "resolved.parquet"
+    pd.read_parquet(resolved)[["id", "target"]].to_parquet(resolved)
+    defs, paths = platform(source, tmp_path)
+    result = run_job(defs, instance, r)
+    assert result.success
+    wh = Warehouse(paths.warehouse)
+
+    res = wh.read_round("resolved", r)
+    assert len(res) > 0 and res["return"].isna().all() and res["target"].notna().all()
+    assert len(wh.read_round("tc_scores", r)) > 10
+    assert len(wh.read_round("payouts", r)) > 10  # classic payouts: corr and TC on the target
+
+    table = wh.read_round("portfolio_scores", r).set_index("model_id")
+    assert len(table) >= 3
+    np.testing.assert_allclose(table["pb"], _pb_by_sql(wh, r).loc[table.index], rtol=0, atol=1e-12)
+    assert (table["meta_loss_basis"] == "mb").all()
+    assert (table["meta_lost"] == (table["mb"] < 0)).all()
+    amplify = np.where(table["meta_lost"], 2.0, 1.0)  # default c_b
+    np.testing.assert_allclose(
+        table["pp"], amplify * (table["pb"] - table["transaction_cost"]) / 1.0, rtol=1e-12
+    )
+    assert table["payout"].notna().all() and (table["payout"] != 0).any()
+    for col in ("pr", "mr", "pp_raw", "marginal_return", "scenario", "capacity_usd"):
+        assert table[col].isna().all(), col
+    assert wh.read_round("capacity_curves", r).empty
+    meta = wh.read_round("meta_portfolio_returns", r).iloc[0]
+    assert meta["meta_loss_basis"] == "mb" and pd.isna(meta["net_return"])
+    assert meta["bucket_per_return"] == 10.0
+    board = wh.query(f"SELECT * FROM reporting.portfolio_leaderboard WHERE round = {r}")
+    assert len(board) == len(table) and (board["meta_loss_basis"] == "mb").all()
+
+    logs = " ".join(_log_messages(instance, result.run_id))
+    assert "resolved.parquet has targets only (no return column)" in logs
+    assert "capacity curves need realized returns and are skipped" in logs
+    assert "realized_R_return is skipped" in logs
+    md = _materialization(instance, "portfolio_scores", r)
+    assert md["meta_loss_basis"].value == "mb"
+    assert "skipped" in md["capacity_curves"].value
+    assert "capacity_plot" not in md
+    assert _materialization(instance, "resolved", r)["has_returns"].value is False
+
+    # TC configured on the realized return cannot be computed without returns: a clear failure.
+    tc_on_return = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        instance=instance,
+        partition_key=str(r),
+        asset_selection=[dg.AssetKey("tc_scores")],
+        run_config={"ops": {"tc_scores": {"config": {"target_column": "return"}}}},
+        raise_on_error=False,
+    )
+    assert not tc_on_return.success
+    failure = next(
+        e for e in tc_on_return.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE
+    )
+    message = failure.event_specific_data.error.message
+    assert "target_column 'return'" in message and "no 'return' column" in message
