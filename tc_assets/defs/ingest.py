@@ -220,8 +220,9 @@ def resolved(
     else:
         context.log.info(
             f"round {r}: resolved.parquet has targets only (no return column): the round is "
-            "scored and paid in bucket space; the raw-return payout basis, the realized-return "
-            "metadata and the capacity curves are skipped."
+            "scored and paid in bucket space; the realized-return figures and the capacity "
+            "curves are skipped, and the raw payout basis or TC on 'return', if configured, "
+            "fail."
         )
     yield dg.Output(frame, metadata=metadata)
 
