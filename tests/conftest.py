@@ -1,6 +1,7 @@
 """Shared fixtures: generated round sources (the project's generator) and Dagster instances."""
 
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from tc_assets.defs.definitions import PlatformPaths, build_definitions
 from tc_assets.defs.partitions import ROUNDS_PARTITIONS_NAME
 from tc_assets.io.synthetic import SyntheticSettings, generate_source
 from tests.pgcluster import PostgresCluster, postgres_bindir, postgres_cluster, postgres_dir
+from tests.s3server import client, moto_s3, s3_env
 
 # Small enough for seconds per round, large enough for every planted kind and rule.
 SMALL = SyntheticSettings(stocks=600, features=16, models=40, seed=7, with_bad_inputs=True)
@@ -56,8 +58,34 @@ def postgres() -> Iterator[PostgresCluster]:
         shutil.rmtree(parent, ignore_errors=True)
 
 
-def platform(source: Path | str, tmp_path: Path) -> tuple[dg.Definitions, PlatformPaths]:
-    paths = PlatformPaths.create(str(source), str(tmp_path / "wh" / "warehouse.duckdb"))
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """One moto S3 server on loopback for the session (tests/s3server.py)."""
+    with moto_s3() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(params=["local", "s3"])
+def value_store(request, monkeypatch) -> str | None:
+    """Where asset values live between steps, for tests that run with each store: None (the
+    local default beside the warehouse) or a fresh s3://bucket/values on the moto server, with
+    the platform's S3 environment set."""
+    if request.param == "local":
+        return None
+    endpoint = request.getfixturevalue("s3_endpoint")
+    for key, value in s3_env(endpoint).items():
+        monkeypatch.setenv(key, value)
+    bucket = f"values-{uuid.uuid4().hex[:12]}"
+    client(endpoint).create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/values"
+
+
+def platform(
+    source: Path | str, tmp_path: Path, storage: str | None = None
+) -> tuple[dg.Definitions, PlatformPaths]:
+    """The platform's Definitions over `source`, a warehouse under `tmp_path`, values in
+    `storage` (default: beside the warehouse)."""
+    paths = PlatformPaths.create(str(source), str(tmp_path / "wh" / "warehouse.duckdb"), storage)
     return build_definitions(paths), paths
 
 

@@ -47,8 +47,10 @@ def failure(result: dg.ExecuteInProcessResult, step: str) -> str:
     return event.step_failure_data.error.message
 
 
-def test_meta_portfolio_and_tc_scores_on_a_generated_round(small_source, tmp_path, instance):
-    defs, paths = platform(small_source, tmp_path)
+def test_meta_portfolio_and_tc_scores_on_a_generated_round(
+    small_source, tmp_path, instance, value_store
+):
+    defs, paths = platform(small_source, tmp_path, value_store)
     result = run_contribution(defs, instance, 1)
     assert result.success
     wh = Warehouse(paths.warehouse)

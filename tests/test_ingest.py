@@ -60,9 +60,9 @@ def test_definitions_load_with_every_asset_grouped():
 
 
 def test_every_rejection_rule_gives_its_reason_and_valid_submissions_are_kept(
-    small_source, tmp_path, instance
+    small_source, tmp_path, instance, value_store
 ):
-    defs, paths = platform(small_source, tmp_path)
+    defs, paths = platform(small_source, tmp_path, value_store)
     result = run_job(defs, instance, 1, INGEST_ROUND_JOB)
     assert result.success
     wh = Warehouse(paths.warehouse)
@@ -134,8 +134,10 @@ def test_extra_files_in_the_source_are_ignored(fresh_source):
     pd.testing.assert_frame_equal(before.rejections, after.rejections)
 
 
-def test_a_bad_stakes_file_fails_the_round_and_changes_nothing(fresh_source, tmp_path, instance):
-    defs, paths = platform(fresh_source, tmp_path)
+def test_a_bad_stakes_file_fails_the_round_and_changes_nothing(
+    fresh_source, tmp_path, instance, value_store
+):
+    defs, paths = platform(fresh_source, tmp_path, value_store)
     assert run_job(defs, instance, 1, INGEST_ROUND_JOB).success
     assert run_job(defs, instance, 2, INGEST_ROUND_JOB).success
     wh = Warehouse(paths.warehouse)
@@ -162,8 +164,10 @@ def test_a_bad_stakes_file_fails_the_round_and_changes_nothing(fresh_source, tmp
         pd.testing.assert_frame_equal(before[name], after[name], obj=name)
 
 
-def test_running_a_round_twice_gives_identical_tables(small_source, tmp_path, instance):
-    defs, paths = platform(small_source, tmp_path)
+def test_running_a_round_twice_gives_identical_tables(
+    small_source, tmp_path, instance, value_store
+):
+    defs, paths = platform(small_source, tmp_path, value_store)
     assert run_job(defs, instance, 2, INGEST_ROUND_JOB).success
     first = snapshot(Warehouse(paths.warehouse))
     assert run_job(defs, instance, 2, INGEST_ROUND_JOB).success
@@ -173,9 +177,11 @@ def test_running_a_round_twice_gives_identical_tables(small_source, tmp_path, in
         pd.testing.assert_frame_equal(first[name], second[name], obj=name)
 
 
-def test_unresolved_round_is_reported_awaiting_resolution(fresh_source, tmp_path, instance):
+def test_unresolved_round_is_reported_awaiting_resolution(
+    fresh_source, tmp_path, instance, value_store
+):
     (fresh_source / "rounds/2/resolved.parquet").unlink()
-    defs, paths = platform(fresh_source, tmp_path)
+    defs, paths = platform(fresh_source, tmp_path, value_store)
     result = run_job(defs, instance, 2)
     assert result.success  # not a failure: the target-dependent steps are skipped
     logs = [e.message for e in instance.all_logs(result.run_id) if e.message]

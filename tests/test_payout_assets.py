@@ -221,10 +221,10 @@ def test_demo_report_prints_the_leaderboard(scored, capsys):
     assert board["model"].iloc[0] in out.split("Leaderboard of round 2")[1].splitlines()[2]
 
 
-def test_payout_assets_wait_for_resolution(tmp_path, instance):
+def test_payout_assets_wait_for_resolution(tmp_path, instance, value_store):
     settings = SMALL.model_copy(update={"write_resolved": False})
     source = make_source(tmp_path / "source", [1], settings)
-    defs, paths = platform(source, tmp_path)
+    defs, paths = platform(source, tmp_path, value_store)
     result = run_payouts(defs, instance, 1)
     assert result.success  # skipped, not failed
     done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}

@@ -19,7 +19,7 @@ import dagster as dg
 from tc_assets.defs import checks, contribution, ingest, metrics, payouts, proxy, reporting
 from tc_assets.defs.automation import AutomationSettings, build_automation
 from tc_assets.defs.partitions import rounds_partitions
-from tc_assets.defs.resources import RoundSourceResource, RoundStorage, WarehouseResource
+from tc_assets.defs.resources import RoundSourceResource, WarehouseResource, value_storage
 
 AREAS: list[ModuleType] = [ingest, checks, metrics, contribution, payouts, proxy, reporting]
 
@@ -47,11 +47,14 @@ class PlatformPaths:
 
     @classmethod
     def create(cls, source: str, warehouse: str, storage: str | None = None) -> PlatformPaths:
-        """Absolute paths; intermediate asset values go beside the warehouse unless given."""
+        """Absolute paths (S3 URIs as given); asset values go beside the warehouse unless given."""
         wh = Path(warehouse).expanduser().resolve()
         src = source if source.startswith("s3://") else str(Path(source).expanduser().resolve())
-        store = Path(storage).expanduser().resolve() if storage else wh.parent / "storage"
-        return cls(source=src, warehouse=str(wh), storage=str(store))
+        if storage and storage.startswith("s3://"):
+            store = storage
+        else:
+            store = str(Path(storage).expanduser().resolve() if storage else wh.parent / "storage")
+        return cls(source=src, warehouse=str(wh), storage=store)
 
 
 def _collect(name: str) -> list:
@@ -102,7 +105,7 @@ def build_definitions(
         resources={
             "round_source": RoundSourceResource.for_uri(paths.source),
             "warehouse": WarehouseResource(path=paths.warehouse),
-            "io_manager": RoundStorage(base_dir=paths.storage),
+            "io_manager": value_storage(paths.storage),
             **{key: res for area in AREAS for key, res in getattr(area, "resources", {}).items()},
         },
     )

@@ -1,4 +1,5 @@
-"""Resources: the round source and the DuckDB warehouse, configured once per deployment."""
+"""Resources: the round source, the DuckDB warehouse and the values' storage, configured once
+per deployment."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import dagster as dg
 from dagster._core.storage.fs_io_manager import PickledObjectFilesystemIOManager
 from dagster_aws.s3 import S3Resource
+from dagster_aws.s3.io_manager import PickledObjectS3IOManager
 from pydantic import Field
 
 from tc_assets.io.s3_source import DEFAULT_MAX_ATTEMPTS, ENDPOINT_ENV, S3RoundSource
@@ -63,6 +65,23 @@ class RoundSourceResource(dg.ConfigurableResource):
         return LocalRoundSource(self.uri)
 
 
+def _never_produced(context: dg.InputContext) -> dg.Failure:
+    """The failure for loading a value that was never stored: which asset, which round, why."""
+    key = context.asset_key.to_user_string() if context.has_asset_key else "?"
+    part = context.asset_partition_key if context.has_asset_partitions else None
+    where = f" of round {part}" if part is not None else ""
+    hint = (
+        " The round is awaiting resolution: `resolved` produces nothing until "
+        f"rounds/{part}/resolved.parquet arrives (the changes sensor then scores it)."
+        if key == "resolved"
+        else f" Materialize `{key}`{where} first (or the whole score_round job)."
+    )
+    return dg.Failure(
+        description=f"`{key}`{where} has not been materialized, so it cannot be read.{hint}",
+        allow_retries=False,
+    )
+
+
 class _RoundValues(PickledObjectFilesystemIOManager):
     """Dagster's pickle-per-asset-partition storage; a missing upstream value is a clear error."""
 
@@ -70,19 +89,17 @@ class _RoundValues(PickledObjectFilesystemIOManager):
         try:
             return super().load_input(context)
         except FileNotFoundError:
-            key = context.asset_key.to_user_string() if context.has_asset_key else "?"
-            part = context.asset_partition_key if context.has_asset_partitions else None
-            where = f" of round {part}" if part is not None else ""
-            hint = (
-                " The round is awaiting resolution: `resolved` produces nothing until "
-                f"rounds/{part}/resolved.parquet arrives (the changes sensor then scores it)."
-                if key == "resolved"
-                else f" Materialize `{key}`{where} first (or the whole score_round job)."
-            )
-            raise dg.Failure(
-                description=f"`{key}`{where} has not been materialized, so it cannot be read.{hint}",
-                allow_retries=False,
-            ) from None
+            raise _never_produced(context) from None
+
+
+class _S3RoundValues(PickledObjectS3IOManager):
+    """dagster-aws's pickle-per-asset-partition storage on S3; a missing value is a clear error."""
+
+    def load_input(self, context: dg.InputContext) -> object:
+        try:
+            return super().load_input(context)
+        except FileNotFoundError:
+            raise _never_produced(context) from None
 
 
 class RoundStorage(dg.FilesystemIOManager):
@@ -95,3 +112,28 @@ class RoundStorage(dg.FilesystemIOManager):
     ) -> PickledObjectFilesystemIOManager:
         base_dir = self.base_dir or context.instance.storage_directory()
         return _RoundValues(base_dir=base_dir)
+
+
+class S3RoundStorage(dg.ConfigurableIOManagerFactory):
+    """The assets' values on S3, for runs in separate containers or machines (deploy/): one
+    pickle per asset and round at s3://`s3_bucket`/`s3_prefix`/<asset>/<round>, written and read
+    as dagster-aws's S3PickleIOManager does. A value never produced fails as RoundStorage's."""
+
+    s3_bucket: str = Field(description="Bucket of the values (it must exist).")
+    s3_prefix: str = Field(default="", description="Key prefix inside the bucket.")
+    s3: S3Resource = Field(description="S3 client settings (dagster-aws); see s3_from_env.")
+
+    def create_io_manager(self, context: dg.InitResourceContext) -> PickledObjectS3IOManager:
+        return _S3RoundValues(
+            s3_bucket=self.s3_bucket, s3_session=self.s3.get_client(), s3_prefix=self.s3_prefix
+        )
+
+
+def value_storage(location: str) -> RoundStorage | S3RoundStorage:
+    """The values' storage for `location`: a local folder, or s3://bucket/prefix (TC_STORAGE)."""
+    if location.startswith("s3://"):
+        bucket, _, prefix = location.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ValueError(f"value storage {location!r} names no bucket (s3://bucket/prefix)")
+        return S3RoundStorage(s3_bucket=bucket, s3_prefix=prefix.strip("/"), s3=s3_from_env())
+    return RoundStorage(base_dir=location)
