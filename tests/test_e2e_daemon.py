@@ -1,16 +1,22 @@
 """End to end: the Dagster webserver and daemon find, ingest and score rounds on their own.
 
 dagster-webserver and dagster-daemon run as subprocesses on loopback with a temporary
-DAGSTER_HOME holding the project's dagster.yaml; the code location (workspace.yaml) reads
-rounds from a moto S3 server on 127.0.0.1 and writes a temporary DuckDB warehouse. The test
-only uploads files and watches through the webserver's GraphQL API:
+DAGSTER_HOME; the code location (workspace.yaml) reads rounds from a moto S3 server on
+127.0.0.1 and writes a temporary DuckDB warehouse. It runs on two instances:
+
+- `local`: the project's dagster.yaml (SQLite storage), asset values on local disk;
+- `production`: deploy/dagster.yaml on a private PostgreSQL cluster (tests/pgcluster.py), step
+  logs to S3 (S3ComputeLogManager) and asset values on S3 (TC_STORAGE=s3://...), both on moto.
+
+The test only uploads files and watches through the webserver's GraphQL API:
 
 1. two new rounds are uploaded at once: the sensor adds their partitions, the daemon runs
    their ingestion and scoring concurrently, all succeed, and the warehouse holds both rounds;
 2. round 1's resolved.parquet is uploaded: the round is scored again, targets and all;
 3. runs of the two rounds overlapped in time, yet no two DuckDB writers ever did (pool of 1),
    and no run logged a lock error;
-4. both processes stop on SIGTERM, leaving no process behind.
+4. on `production`, the step logs and the asset values are in their buckets;
+5. both processes stop on SIGTERM, leaving no process behind.
 """
 
 import json
@@ -36,6 +42,7 @@ from tc_assets.defs.definitions import PlatformPaths, build_definitions
 from tc_assets.defs.partitions import WAREHOUSE_POOL
 from tc_assets.io.synthetic import SyntheticSettings, generate_source
 from tc_assets.io.warehouse import Warehouse
+from tests.pgcluster import PostgresCluster
 from tests.s3server import client, moto_s3, s3_env, upload
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -45,6 +52,7 @@ BIN = Path(sys.executable).parent
 TINY = SyntheticSettings(stocks=600, features=12, models=30, seed=5)
 BUCKET, PREFIX = "tournament", "live"
 LOCATION = "tc_platform"
+LOGS_BUCKET, VALUES_BUCKET = "compute-logs", "asset-values"
 PARTITION_TAG = "dagster/partition"
 
 
@@ -83,13 +91,20 @@ def alive(pid: int) -> bool:
 class Dagster:
     """dagster-webserver and dagster-daemon over a temporary instance, and a GraphQL client."""
 
-    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str], instance_yaml: Path, kind: str) -> None:
+        self.kind = kind
         self.home = tmp / "dagster_home"
         self.home.mkdir()
-        shutil.copy(REPO / "tc_assets" / "dagster.yaml", self.home / "dagster.yaml")
-        # Create the SQLite storages once, here: two processes creating them at once can race.
-        dg.DagsterInstance.from_config(str(self.home)).dispose()
+        shutil.copy(instance_yaml, self.home / "dagster.yaml")
         self.env = {**os.environ, **env, "DAGSTER_HOME": str(self.home)}
+        # Create the storages once, here: two processes creating them at once can race.
+        saved = dict(os.environ)
+        os.environ.update(env)
+        try:
+            dg.DagsterInstance.from_config(str(self.home)).dispose()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         self.port = free_port()
         self.logs = tmp / "logs"
         self.logs.mkdir()
@@ -232,8 +247,26 @@ class Dagster:
                 proc.wait()
 
 
-@pytest.fixture
-def dagster(tmp_path) -> Iterator[tuple[Dagster, Any, Path]]:
+def production_env(postgres: PostgresCluster, endpoint: str, s3) -> dict[str, str]:
+    """deploy/dagster.yaml's variables for a fresh database of the test cluster, and the moto
+    buckets of its step logs and of the asset values."""
+    postgres.create_database("dagster_e2e")
+    for bucket in (LOGS_BUCKET, VALUES_BUCKET):
+        s3.create_bucket(Bucket=bucket)
+    return {
+        "DAGSTER_POSTGRES_HOST": postgres.host,
+        "DAGSTER_POSTGRES_PORT": str(postgres.port),
+        "DAGSTER_POSTGRES_USER": postgres.user,
+        "DAGSTER_POSTGRES_PASSWORD": postgres.password,
+        "DAGSTER_POSTGRES_DB": "dagster_e2e",
+        "DAGSTER_COMPUTE_LOGS_BUCKET": LOGS_BUCKET,
+        "AWS_ENDPOINT_URL_S3": endpoint,  # the compute-log manager's boto3 client
+        "TC_STORAGE": f"s3://{VALUES_BUCKET}/values",
+    }
+
+
+@pytest.fixture(params=["local", "production"])
+def dagster(request, tmp_path) -> Iterator[tuple[Dagster, Any, Path]]:
     staging = tmp_path / "staging"
     generate_source(staging, [1, 2], TINY)
     with moto_s3() as endpoint:
@@ -248,7 +281,11 @@ def dagster(tmp_path) -> Iterator[tuple[Dagster, Any, Path]]:
             "TC_NEW_ROUND_INTERVAL_S": "3",
             "TC_ROUND_CHANGES_INTERVAL_S": "3",
         }
-        d = Dagster(tmp_path, env)
+        instance_yaml = REPO / "tc_assets" / "dagster.yaml"
+        if request.param == "production":
+            env.update(production_env(request.getfixturevalue("postgres"), endpoint, s3))
+            instance_yaml = REPO / "deploy" / "dagster.yaml"
+        d = Dagster(tmp_path, env, instance_yaml, request.param)
         d.start()
         try:
             yield d, s3, staging
@@ -364,7 +401,15 @@ def test_daemon_ingests_and_scores_rounds_from_s3(dagster, tmp_path):
             message = e.get("message", "").lower()
             assert "lock" not in message or e["level"] not in ("ERROR", "CRITICAL"), e
 
-    # 4. Both stop cleanly, leaving nothing behind.
+    # 4. Production: step logs and asset values went to their buckets, none to local disk.
+    if d.kind == "production":
+        logs = s3.list_objects_v2(Bucket=LOGS_BUCKET, Prefix="dagster/compute-logs/")
+        assert logs.get("KeyCount", 0) > 0, "no step logs in the compute-log bucket"
+        values = {o["Key"] for o in s3.list_objects_v2(Bucket=VALUES_BUCKET)["Contents"]}
+        assert {"values/stakes/1", "values/stakes/2", "values/meta_model/1"} <= values
+        assert not (tmp_path / "storage").exists()
+
+    # 5. Both stop cleanly, leaving nothing behind.
     codes = d.stop()
     assert all(code in (0, -signal.SIGTERM) for code in codes.values()), (codes, d.tail())
     print(f"end to end in {time.monotonic() - start:.0f}s, {len(concurrent)} concurrent pairs")
