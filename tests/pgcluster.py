@@ -108,41 +108,42 @@ def postgres_cluster(tmp_dir: Path | str) -> Iterator[PostgresCluster]:
     root = Path(tempfile.mkdtemp(prefix="cluster-", dir=tmp_dir))
     data, log = root / "data", root / "server.log"
     password = secrets.token_hex(16)
-    pwfile = root / "pwfile"
-    pwfile.write_text(password + "\n")
-    if _as_root():
-        shutil.chown(root, SYSTEM_USER, SYSTEM_USER)
-        shutil.chown(pwfile, SYSTEM_USER, SYSTEM_USER)
-    root.chmod(0o700)
-    _run(
-        [
-            str(bindir / "initdb"),
-            "-D", str(data),
-            "-U", SYSTEM_USER,
-            f"--pwfile={pwfile}",
-            "--auth=scram-sha-256",
-            "-E", "UTF8",
-            "--locale=C",
-            "--no-sync",
-        ],
-        cwd=root,
-    )  # fmt: skip
-    pwfile.unlink()
     started = False
-    for _ in range(3):  # a free port can be taken by someone else before the server binds it
-        port = _free_port()
-        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-        try:
-            _run(
-                [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options,
-                 "-w", "-t", "60", "start"],
-                cwd=root,
-            )  # fmt: skip
-            started = True
-            break
-        except RuntimeError as exc:
-            error = exc
     try:
+        pwfile = root / "pwfile"
+        pwfile.write_text(password + "\n")
+        if _as_root():
+            shutil.chown(root, SYSTEM_USER, SYSTEM_USER)
+            shutil.chown(pwfile, SYSTEM_USER, SYSTEM_USER)
+        root.chmod(0o700)
+        _run(
+            [
+                str(bindir / "initdb"),
+                "-D", str(data),
+                "-U", SYSTEM_USER,
+                f"--pwfile={pwfile}",
+                "--auth=scram-sha-256",
+                "-E", "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+            cwd=root,
+        )  # fmt: skip
+        pwfile.unlink()
+        error: Exception | None = None
+        for _ in range(3):  # a free port can be taken by someone else before the server binds it
+            port = _free_port()
+            options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+            try:
+                _run(
+                    [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options,
+                     "-w", "-t", "60", "start"],
+                    cwd=root,
+                )  # fmt: skip
+                started = True
+                break
+            except RuntimeError as exc:
+                error = exc
         if not started:
             server_log = log.read_text() if log.exists() else ""
             raise RuntimeError(f"PostgreSQL did not start: {error}\n{server_log[-2000:]}")

@@ -116,7 +116,7 @@ def test_production_instance_settings(postgres, tmp_path, aws_env, monkeypatch):
             "QueuedRunCoordinator",
             "S3ComputeLogManager",
         }
-        assert instance.compute_log_manager._s3_bucket == "compute-logs"  # noqa: SLF001
+        assert instance.compute_log_manager._s3_bucket == "compute-logs"
         config = instance.get_concurrency_config()
         assert config.pool_config.default_pool_limit == 1  # duckdb_writers: one writer
         assert config.run_queue_config.max_concurrent_runs == 4
@@ -265,6 +265,12 @@ def test_helm_values_set_what_the_chart_reads():
     assert values["runLauncher"]["type"] == "K8sRunLauncher"
     k8s = values["runLauncher"]["config"]["k8sRunLauncher"]
     assert k8s["runK8sConfig"]["containerConfig"]["resources"]["requests"]["memory"]
+    # Run pods get the code deployment's settings and the warehouse volume.
+    assert deployment["includeConfigInLaunchedRuns"]["enabled"] is True
+    env = {e["name"]: e["value"] for e in deployment["env"]}
+    assert env["TC_STORAGE"].startswith("s3://") and env["TC_SOURCE"].startswith("s3://")
+    (mount,) = deployment["volumeMounts"]
+    assert env["TC_WAREHOUSE"].startswith(mount["mountPath"] + "/")
     daemon = values["dagsterDaemon"]["runCoordinator"]
     assert daemon["enabled"] and daemon["type"] == "QueuedRunCoordinator"
     assert values["concurrency"]["enabled"] is True
@@ -335,9 +341,7 @@ def chart_instance(values: dict, kubeconfig: Path) -> dict:
                 "service_account_name": values["global"]["serviceAccountName"],
                 "instance_config_map": "dagster-instance",
                 "postgres_password_secret": values["global"]["postgresqlSecretName"],
-                "env_secrets": [s["name"] for s in k8s["envSecrets"]],
-                "volumes": k8s["volumes"],
-                "volume_mounts": k8s["volumeMounts"],
+                "env_secrets": [s["name"] for s in k8s.get("envSecrets", [])],
                 "run_k8s_config": {
                     "container_config": k8s["runK8sConfig"]["containerConfig"],
                     "job_spec_config": k8s["runK8sConfig"]["jobSpecConfig"],
@@ -391,7 +395,6 @@ def test_k8s_instance_builds_from_the_helm_values(postgres, tmp_path, aws_env, m
         launcher = instance.run_launcher
         assert type(launcher).__name__ == "K8sRunLauncher"
         assert launcher.job_namespace == "dagster"
-        assert launcher.env_secrets == ["tc-platform-env"]
         resources = launcher.run_k8s_config["container_config"]["resources"]
         assert resources["limits"]["memory"] == "8Gi"
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
