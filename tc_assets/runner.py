@@ -25,7 +25,7 @@ from typing import TextIO
 
 import dagster as dg
 
-from tc_assets.defs.automation import run_tags
+from tc_assets.defs.automation.state import run_tags
 from tc_assets.defs.definitions import SCORE_ROUND_JOB, PlatformPaths, build_definitions
 from tc_assets.defs.partitions import ROUNDS_PARTITIONS_NAME
 from tc_assets.io.source import SourceError, open_source

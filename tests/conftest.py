@@ -1,6 +1,8 @@
 """Shared fixtures: generated round sources (the project's generator) and Dagster instances."""
 
+import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -8,6 +10,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from tc_assets.defs import reporting
 from tc_assets.defs.definitions import PlatformPaths, build_definitions
 from tc_assets.defs.partitions import ROUNDS_PARTITIONS_NAME
 from tc_assets.io.synthetic import SyntheticSettings, generate_source
@@ -21,6 +24,21 @@ SMALL = SyntheticSettings(stocks=600, features=16, models=40, seed=7, with_bad_i
 def make_source(root: Path, rounds: list[int], settings: SyntheticSettings = SMALL) -> Path:
     generate_source(root, rounds, settings)
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dbt_manifest() -> Path:
+    """The dbt project's manifest, which the Definitions are built from: `dbt parse` runs here
+    when it is missing or older than the project's files, so that a bare `pytest` works."""
+    project = reporting.dbt_project
+    if not reporting.manifest_is_current(project):
+        subprocess.run(
+            [reporting.dbt_executable(), "parse", "--quiet"],
+            cwd=project.project_dir,
+            env={**os.environ, "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"},
+            check=True,
+        )
+    return project.manifest_path
 
 
 @pytest.fixture(scope="session")

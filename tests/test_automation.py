@@ -173,9 +173,7 @@ class Platform:
 
     @property
     def targets(self) -> a.RoundTargets:
-        from tc_assets.defs.definitions import round_assets
-
-        return a.RoundTargets.from_assets("ingest_round", "score_round", round_assets())
+        return a.RoundTargets.from_keys(self.defs.resolve_all_asset_keys())
 
 
 def summary(result: dg.SensorResult) -> list[tuple[str, str]]:
@@ -345,26 +343,26 @@ def test_changes_in_s3_are_seen_by_etag_without_downloads(source, tmp_path):
     content -> a new state; resolved.parquet tracked on its own."""
     source.publish([1])
     rs = RoundSourceResource.for_uri(source.uri).open()
-    state = a.RoundState.observe(rs, 1, a.round_stamps(rs, 1))
+    state = a.RoundState.observe(rs, 1, rs.round_stamps(1))
     assert state.resolved is not None and state.close_time is not None
-    stamps = a.round_stamps(rs, 1)
+    stamps = rs.round_stamps(1)
     assert "features.json" in stamps and "rounds/1/planted.csv" not in stamps
     assert any(rel.startswith("rounds/1/predictions/") for rel in stamps)
 
     source.touch("rounds/1/live.parquet")
-    same = a.RoundState.observe(rs, 1, a.round_stamps(rs, 1), previous=state)
+    same = a.RoundState.observe(rs, 1, rs.round_stamps(1), previous=state)
     assert same.content == state.content
     source.write("rounds/1/planted.csv", b"ignored by ingestion, so by the sensor too")
-    assert a.RoundState.observe(rs, 1, a.round_stamps(rs, 1), state).content == state.content
+    assert a.RoundState.observe(rs, 1, rs.round_stamps(1), state).content == state.content
 
     source.write("rounds/1/resolved.parquet", b"other bytes")
-    moved = a.RoundState.observe(rs, 1, a.round_stamps(rs, 1), previous=state)
+    moved = a.RoundState.observe(rs, 1, rs.round_stamps(1), previous=state)
     assert moved.inputs == state.inputs and moved.resolved != state.resolved
     source.write("rounds/1/predictions/model_new.csv", b"id,prediction\n")
-    grown = a.RoundState.observe(rs, 1, a.round_stamps(rs, 1), previous=moved)
+    grown = a.RoundState.observe(rs, 1, rs.round_stamps(1), previous=moved)
     assert grown.inputs != state.inputs and grown.input_stamp != state.input_stamp
     # Hashing from scratch agrees with the incremental state.
-    assert a.RoundState.observe(rs, 1, a.round_stamps(rs, 1)) == grown
+    assert a.RoundState.observe(rs, 1, rs.round_stamps(1)) == grown
 
 
 def test_a_rewrite_that_keeps_size_and_mtime_is_still_seen(local_source):
@@ -372,7 +370,7 @@ def test_a_rewrite_that_keeps_size_and_mtime_is_still_seen(local_source):
     back still change the round's state (content hashes are compared, not times)."""
     local_source.publish([1])
     rs = RoundSourceResource.for_uri(local_source.uri).open()
-    state = a.RoundState.observe(rs, 1, a.round_stamps(rs, 1))
+    state = a.RoundState.observe(rs, 1, rs.round_stamps(1))
     path = local_source.root / "rounds/1/stakes.csv"
     st = path.stat()
     data = bytearray(path.read_bytes())
@@ -381,7 +379,7 @@ def test_a_rewrite_that_keeps_size_and_mtime_is_still_seen(local_source):
     path.write_bytes(bytes(data))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
-    after = a.RoundState.observe(rs, 1, a.round_stamps(rs, 1), previous=state)
+    after = a.RoundState.observe(rs, 1, rs.round_stamps(1), previous=state)
     assert after.inputs != state.inputs
 
 

@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 
 from tc_assets.defs.definitions import INGEST_ROUND_JOB
-from tc_assets.defs.definitions import defs as module_defs
 from tc_assets.io import contract as c
 from tc_assets.io.ingest import ingest_round
 from tc_assets.io.source import LocalRoundSource
@@ -40,23 +39,6 @@ def snapshot(wh: Warehouse) -> dict[str, pd.DataFrame]:
         df = df.drop(columns=[c for c in ("ingested_at",) if c in df.columns])
         out[name] = df.sort_values(list(df.columns)).reset_index(drop=True)
     return out
-
-
-def test_definitions_load_with_every_asset_grouped():
-    specs = list(module_defs.resolve_all_asset_specs())
-    assert {s.key.to_user_string() for s in specs} >= {
-        "round_info",
-        "universe",
-        "example_predictions",
-        "market",
-        "stakes",
-        "predictions",
-        "portfolios",
-        "resolved",
-    }
-    assert all(s.group_name and s.group_name != "default" for s in specs)
-    module_defs.resolve_job_def("score_round")
-    module_defs.resolve_job_def(INGEST_ROUND_JOB)
 
 
 def test_every_rejection_rule_gives_its_reason_and_valid_submissions_are_kept(

@@ -66,7 +66,7 @@ def test_s3_source_reads_the_same_layout_as_the_local_folder(s3_environment, loc
         # An ETag of a single-part upload is the MD5 of the content.
         assert s3.fingerprint(rel) == hashlib.md5(local.read_bytes(rel)).hexdigest()
     assert s3.exists("rounds/1/live.parquet") and not s3.exists("rounds/1/nothing.csv")
-    etags = s3.etags("rounds/1")
+    etags = s3.stamps("rounds/1")
     files = [p for p in (local_source / "rounds" / "1").rglob("*") if p.is_file()]
     assert sorted(etags) == sorted(p.relative_to(local_source).as_posix() for p in files)
     pd.testing.assert_frame_equal(

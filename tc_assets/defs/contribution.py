@@ -277,6 +277,8 @@ def tc_scores_finite(tc_scores: pd.DataFrame) -> dg.AssetCheckResult:
     return check_finite(tc_scores, ["tc", "tc_std"])
 
 
-assets = [meta_portfolio, tc_scores]
-resources = {"optimizer": OptimizerResource()}
-asset_checks = [meta_portfolio_constraints, tc_scores_finite]
+defs = dg.Definitions(
+    assets=[meta_portfolio, tc_scores],
+    asset_checks=[meta_portfolio_constraints, tc_scores_finite],
+    resources={"optimizer": OptimizerResource()},
+)

@@ -1,9 +1,12 @@
-"""The one Definitions object: every area's assets, checks, jobs, schedules and sensors.
+"""The platform's Definitions, composed from each area's own.
 
-Each area module (ingest, metrics, ...) exposes lists named `assets` and optionally
-`asset_checks`, `schedules`, `sensors`, and a dict of default `resources`; `build_definitions` gathers them, adds the round job and
-binds the resources. The module-level `defs` (loaded by workspace.yaml and `dagster dev`) reads
-its paths from the environment; `tc-platform run` builds the same Definitions with its own paths.
+Each area module (ingest, metrics, contribution, payouts, proxy, reporting) builds its own
+`dg.Definitions` (assets, checks, area resources); `jobs.py` the two round jobs;
+`automation/` the close schedule and the sensors. `build_definitions` merges them with
+`dg.Definitions.merge` and adds the shared resources bound to the platform's paths.
+`defs` (loaded by workspace.yaml and `dagster dev`) is built lazily, on load, with its paths
+from the environment; `tc-platform run` builds the same Definitions with its own paths.
+Importing this module builds nothing (the dbt assets need a manifest, see reporting.py).
 """
 
 from __future__ import annotations
@@ -12,19 +15,31 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import dagster as dg
 
-from tc_assets.defs import checks, contribution, ingest, metrics, payouts, proxy, reporting
-from tc_assets.defs.automation import AutomationSettings, build_automation
-from tc_assets.defs.partitions import rounds_partitions
+from tc_assets.defs import (
+    automation,
+    contribution,
+    ingest,
+    jobs,
+    metrics,
+    payouts,
+    proxy,
+    reporting,
+)
+from tc_assets.defs.automation import AutomationSettings
+from tc_assets.defs.jobs import INGEST_ROUND_JOB, SCORE_ROUND_JOB
 from tc_assets.defs.resources import RoundSourceResource, WarehouseResource, value_storage
 
-AREAS: list[ModuleType] = [ingest, checks, metrics, contribution, payouts, proxy, reporting]
-
-SCORE_ROUND_JOB = "score_round"
-INGEST_ROUND_JOB = "ingest_round"
+__all__ = [
+    "INGEST_ROUND_JOB",
+    "SCORE_ROUND_JOB",
+    "PlatformPaths",
+    "area_definitions",
+    "build_definitions",
+    "defs",
+]
 
 
 @dataclass(frozen=True)
@@ -57,58 +72,47 @@ class PlatformPaths:
         return cls(source=src, warehouse=str(wh), storage=store)
 
 
-def _collect(name: str) -> list:
-    return [item for area in AREAS for item in getattr(area, name, [])]
-
-
-def round_assets() -> list[dg.AssetsDefinition]:
-    """Assets partitioned by round (the round job's selection)."""
-    return [a for a in _collect("assets") if a.partitions_def == rounds_partitions]
+def area_definitions() -> dg.Definitions:
+    """Every area's assets, checks and area resources (all partitioned by round)."""
+    return dg.Definitions.merge(
+        ingest.defs,
+        metrics.defs,
+        contribution.defs,
+        payouts.defs,
+        proxy.defs,
+        reporting.build_defs(),
+    )
 
 
 def build_definitions(
     paths: PlatformPaths,
-    automation: AutomationSettings | None = None,
+    automation_settings: AutomationSettings | None = None,
     loggers: Mapping[str, dg.LoggerDefinition] | None = None,
 ) -> dg.Definitions:
     """The platform's Definitions with resources bound to `paths`.
 
     `loggers` replaces Dagster's default console logger (the command line adds its compact
-    progress logger this way); the UI and the daemon use the default.
-
-    The close schedule and the sensors (automation.py) target the two round jobs; their
+    progress logger this way); the UI and the daemon use the default. The automation's
     settings default to the TC_* environment variables. Runs execute in process (one process
     per run: far less start-up on a small machine); the warehouse pool is honoured all the same.
     """
-    assets = _collect("assets")
-    score_round = dg.define_asset_job(
-        SCORE_ROUND_JOB,
-        selection=dg.AssetSelection.assets(*round_assets()),
-        partitions_def=rounds_partitions,
-        description="Ingest and score one round: every round-partitioned asset.",
-    )
-    ingest_round = dg.define_asset_job(
-        INGEST_ROUND_JOB,
-        selection=dg.AssetSelection.assets(*ingest.assets),
-        partitions_def=rounds_partitions,
-        description="Read, validate and warehouse one round's inputs.",
-    )
-    schedules, sensors = build_automation(ingest_round, score_round, round_assets(), automation)
-    return dg.Definitions(
-        assets=assets,
-        asset_checks=_collect("asset_checks"),
-        jobs=[score_round, ingest_round, *_collect("jobs")],
-        schedules=[*schedules, *_collect("schedules")],
-        sensors=[*sensors, *_collect("sensors")],
+    areas = area_definitions()
+    round_keys = [key for asset in areas.assets or [] for key in asset.keys]
+    shared = dg.Definitions(
         executor=dg.in_process_executor,
         loggers=dict(loggers) if loggers else None,
         resources={
             "round_source": RoundSourceResource.for_uri(paths.source),
             "warehouse": WarehouseResource(path=paths.warehouse),
             "io_manager": value_storage(paths.storage),
-            **{key: res for area in AREAS for key, res in getattr(area, "resources", {}).items()},
         },
+    )
+    return dg.Definitions.merge(
+        areas, jobs.defs, automation.build_defs(round_keys, automation_settings), shared
     )
 
 
-defs = build_definitions(PlatformPaths.from_env())
+@dg.definitions
+def defs() -> dg.Definitions:
+    """The code location of workspace.yaml and `dagster dev`, paths from the environment."""
+    return build_definitions(PlatformPaths.from_env())

@@ -176,5 +176,6 @@ def model_metrics_finite(model_metrics: pd.DataFrame) -> dg.AssetCheckResult:
     return check_finite(model_metrics, ["corr", "mmc", "fnc_v3"])
 
 
-assets = [meta_model, feature_exposures, model_metrics]
-asset_checks = [model_metrics_finite]
+defs = dg.Definitions(
+    assets=[meta_model, feature_exposures, model_metrics], asset_checks=[model_metrics_finite]
+)

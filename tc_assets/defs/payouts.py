@@ -389,5 +389,7 @@ def sharpe_contribution_asset(
     )
 
 
-assets = [payouts, portfolio_scores, sharpe_contribution_asset]
-asset_checks = [payouts_within_clip, portfolio_payouts_within_clip]
+defs = dg.Definitions(
+    assets=[payouts, portfolio_scores, sharpe_contribution_asset],
+    asset_checks=[payouts_within_clip, portfolio_payouts_within_clip],
+)

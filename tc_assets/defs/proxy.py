@@ -314,4 +314,4 @@ def tc_proxy_model(
     )
 
 
-assets = [tc_proxy_model]
+defs = dg.Definitions(assets=[tc_proxy_model])

@@ -4,8 +4,9 @@ Analysts own the SQL (staging views, the marts `round_leaderboard`, `model_reput
 `round_summary`, `portfolio_leaderboard`, and their tests); this module only wires it in:
 
 * the assets come from the dbt manifest, which is built, not committed (`make dbt-manifest`,
-  i.e. `dbt parse`; `dagster dev` re-parses on load). Without one, importing this module fails
-  with the command to run;
+  i.e. `dbt parse`; `dagster dev` re-parses on load). They are built when the Definitions are
+  (`build_defs`, cached), not at import: without a manifest, building them fails with the
+  command to run;
 * each dbt source declares, in `meta.dagster.asset_key`, the Python asset that writes its table,
   so the dbt models are drawn downstream of the Python assets and run after them in the same
   `score_round` run (skipped with them while the round awaits resolution);
@@ -24,6 +25,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +113,12 @@ def _newest_source_mtime(project_dir: Path) -> float:
     return max(times, default=0.0)
 
 
+def manifest_is_current(project: DbtProject) -> bool:
+    """Whether the manifest exists and is newer than every file of the project."""
+    path = project.manifest_path
+    return path.exists() and path.stat().st_mtime >= _newest_source_mtime(project.project_dir)
+
+
 def load_manifest(project: DbtProject) -> Path:
     """The project's manifest.json: a clear error when missing, a warning when older than the
     project's files (models edited since the last `dbt parse`)."""
@@ -137,10 +145,6 @@ def dbt_executable() -> str:
 
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
 dbt_cli = DbtCliResource(project_dir=dbt_project, dbt_executable=dbt_executable())
-if os.environ.get("DAGSTER_IS_DEV_CLI"):
-    # `dagster dev` (DbtProject.prepare_if_dev, with our dbt): re-parse on each code reload so
-    # edited models show without a rebuild.
-    dbt_cli.cli(["parse", "--quiet"], target_path=dbt_project.target_path).wait()
 
 
 @contextmanager
@@ -214,22 +218,14 @@ def _unique_id(event: Any) -> str | None:
     return None
 
 
-@dbt_assets(
-    manifest=load_manifest(dbt_project),
-    project=dbt_project,
-    dagster_dbt_translator=ReportingTranslator(),
-    partitions_def=rounds_partitions,
-    pool=WAREHOUSE_POOL,
-    name="dbt_metrics",
-)
-def dbt_metrics(
+def _build_round(
     context: dg.AssetExecutionContext,
     config: DbtBuildConfig,
     dbt: DbtCliResource,
     warehouse: WarehouseResource,
 ) -> Iterator[Any]:
-    """`dbt build` of the selected models and their tests for the round (`--vars round`), or
-    of every round with `full_refresh`.
+    """The body of `dbt_metrics`: `dbt build` of the selected models and their tests for the
+    round (`--vars round`), or of every round with `full_refresh`.
 
     Events are collected while dbt runs and yielded when it exits: the warehouse file is dbt's
     until then, and each model's materialization carries its rows of the round (and the top of
@@ -265,5 +261,30 @@ def dbt_metrics(
     shutil.rmtree(target, ignore_errors=True)
 
 
-assets = [dbt_metrics]
-resources = {"dbt": dbt_cli}
+@cache
+def build_defs() -> dg.Definitions:
+    """The dbt models and their tests as assets and checks of the `reporting` group, with the
+    `dbt` resource. Built on first call from the manifest (see `load_manifest`); under
+    `dagster dev` the project is parsed again first, so edited models show on reload."""
+    if os.environ.get("DAGSTER_IS_DEV_CLI"):
+        dbt_cli.cli(["parse", "--quiet"], target_path=dbt_project.target_path).wait()
+
+    @dbt_assets(
+        manifest=load_manifest(dbt_project),
+        project=dbt_project,
+        dagster_dbt_translator=ReportingTranslator(),
+        partitions_def=rounds_partitions,
+        pool=WAREHOUSE_POOL,
+        name="dbt_metrics",
+    )
+    def dbt_metrics(
+        context: dg.AssetExecutionContext,
+        config: DbtBuildConfig,
+        dbt: DbtCliResource,
+        warehouse: WarehouseResource,
+    ) -> Iterator[Any]:
+        """`dbt build` of the selected models and their tests for the round (`--vars round`),
+        or of every round with `full_refresh`."""
+        yield from _build_round(context, config, dbt, warehouse)
+
+    return dg.Definitions(assets=[dbt_metrics], resources={"dbt": dbt_cli})

@@ -154,8 +154,9 @@ class S3RoundSource(RoundSource):
                 names.add(common["Prefix"][len(prefix) :].rstrip("/"))
         return sorted(n for n in names if n)
 
-    def etags(self, rel_dir: str) -> dict[str, str]:
-        """ETag of every object under `rel_dir`, at any depth, keyed by its path from the root.
+    def stamps(self, rel_dir: str) -> dict[str, str]:
+        """ETag (itself a content hash) of every object under `rel_dir`, at any depth, keyed by
+        its path from the root.
 
         One paginated listing (1,000 objects a request), no object read: how the automation
         notices changed files without downloading them.
@@ -180,6 +181,14 @@ class S3RoundSource(RoundSource):
         except BotoCoreError as exc:
             raise _botocore_error(f"{self.uri}/{rel}", exc) from exc
         return str(head["ETag"]).strip('"')
+
+    def file_stamp(self, rel: str) -> str | None:
+        """The object's ETag, None when there is no such object."""
+        return self.fingerprint(rel) if self.exists(rel) else None
+
+    def content_hash(self, rel: str, stamp: str) -> str:
+        """The ETag is the content hash: nothing to read."""
+        return stamp
 
 
 def _client_error(where: str, exc: Any) -> SourceError:

@@ -1,0 +1,137 @@
+"""The shape of the platform's Definitions: a readable snapshot of what the code location holds."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+import tc_assets
+from tc_assets.defs.definitions import INGEST_ROUND_JOB, PlatformPaths, build_definitions
+
+PYTHON_ASSETS = {
+    "ingestion": [
+        "example_predictions",
+        "market",
+        "portfolios",
+        "predictions",
+        "resolved",
+        "round_info",
+        "stakes",
+        "universe",
+    ],
+    "metrics": ["feature_exposures", "meta_model", "model_metrics"],
+    "contribution": ["meta_portfolio", "tc_scores"],
+    "payouts": ["payouts", "portfolio_scores", "sharpe_contribution"],
+    "proxy": ["tc_proxy_model"],
+}
+DBT_ASSETS = [
+    "reporting/model_reputation",
+    "reporting/portfolio_leaderboard",
+    "reporting/round_leaderboard",
+    "reporting/round_summary",
+    "staging/stg_meta_portfolio_returns",
+    "staging/stg_model_metrics",
+    "staging/stg_payout_summary",
+    "staging/stg_payouts",
+    "staging/stg_portfolio_scores",
+    "staging/stg_rounds",
+    "staging/stg_sharpe_contribution",
+    "staging/stg_stakes",
+    "staging/stg_submission_rejections",
+    "staging/stg_submissions",
+    "staging/stg_tc_scores",
+]
+PYTHON_CHECKS = [
+    "meta_portfolio:meta_portfolio_constraints",
+    "model_metrics:model_metrics_finite",
+    "payouts:payouts_within_clip",
+    "portfolio_scores:portfolio_payouts_within_clip",
+    "predictions:predictions_coverage",
+    "predictions:submission_rejections",
+    "resolved:resolved_coverage",
+    "tc_scores:tc_scores_finite",
+]
+
+
+@pytest.fixture(scope="module")
+def defs(tmp_path_factory) -> dg.Definitions:
+    tmp = tmp_path_factory.mktemp("defs")
+    return build_definitions(PlatformPaths.create(str(tmp / "src"), str(tmp / "w.duckdb")))
+
+
+def test_assets_by_group(defs):
+    groups: dict[str, list[str]] = {}
+    for spec in defs.resolve_all_asset_specs():
+        groups.setdefault(spec.group_name, []).append(spec.key.to_user_string())
+    assert {g: sorted(keys) for g, keys in groups.items()} == {
+        **PYTHON_ASSETS,
+        "reporting": DBT_ASSETS,
+    }
+
+
+def test_every_asset_is_partitioned_by_round(defs):
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        assert graph.get(key).partitions_def.name == "rounds", key
+
+
+def test_asset_checks(defs):
+    graph = defs.resolve_asset_graph()
+    checks = sorted(f"{k.asset_key.to_user_string()}:{k.name}" for k in graph.asset_check_keys)
+    python = [c for c in checks if not c.startswith(("staging/", "reporting/"))]
+    assert python == PYTHON_CHECKS
+    # Every dbt test on a model is an asset check of that model (not_null, unique, ranges...).
+    assert len(checks) - len(python) >= 20
+
+
+def test_jobs_schedules_and_sensors(defs):
+    repo = defs.get_repository_def()
+    assert sorted(j for j in repo.job_names if not j.startswith("__")) == [
+        INGEST_ROUND_JOB,
+        "score_round",
+    ]
+    assert [s.name for s in repo.schedule_defs] == ["round_close_schedule"]
+    assert sorted(s.name for s in repo.sensor_defs) == ["new_round_sensor", "round_changes_sensor"]
+    assert repo.get_schedule_def("round_close_schedule").job_name == INGEST_ROUND_JOB
+    assert repo.get_sensor_def("round_changes_sensor").job_name == "score_round"
+    assert repo.get_sensor_def("new_round_sensor").job_name == INGEST_ROUND_JOB
+
+
+def test_round_jobs_select_their_assets(defs):
+    score = defs.resolve_job_def("score_round").asset_layer.selected_asset_keys
+    ingest = defs.resolve_job_def(INGEST_ROUND_JOB).asset_layer.selected_asset_keys
+    assert score == defs.resolve_asset_graph().get_all_asset_keys()
+    assert sorted(k.to_user_string() for k in ingest) == PYTHON_ASSETS["ingestion"]
+
+
+def test_resources(defs):
+    assert sorted(defs.resources) == ["dbt", "io_manager", "optimizer", "round_source", "warehouse"]
+
+
+def test_import_needs_no_dbt_manifest(tmp_path):
+    """Importing the definitions module builds nothing: it works in a checkout whose dbt
+    project was never parsed, and loading the Definitions then names the command to run."""
+    package = Path(tc_assets.__file__).parent
+    shutil.copytree(package, tmp_path / "tc_assets", ignore=shutil.ignore_patterns("__pycache__"))
+    repo = Path(tc_assets.__file__).parents[1]
+    shutil.copytree(
+        repo / "dbt_metrics", tmp_path / "dbt_metrics", ignore=shutil.ignore_patterns("target")
+    )
+    code = (
+        "import tc_assets.defs.definitions as d\n"
+        "try:\n    d.build_definitions(d.PlatformPaths.create('s', 'w.duckdb'))\n"
+        "except Exception as exc:\n    print(type(exc).__name__, exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ReportingSetupError") and "dbt parse" in out.stdout
