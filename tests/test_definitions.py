@@ -1,5 +1,6 @@
 """The shape of the platform's Definitions: a readable snapshot of what the code location holds."""
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,7 @@ DBT_ASSETS = [
     "staging/stg_submissions",
     "staging/stg_tc_scores",
 ]
+MAX_FUNCTION_LINES = 40  # from `def` to the last line, decorators not counted
 PYTHON_CHECKS = [
     "meta_portfolio:meta_portfolio_constraints",
     "model_metrics:model_metrics_finite",
@@ -135,3 +137,17 @@ def test_import_needs_no_dbt_manifest(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ReportingSetupError") and "dbt parse" in out.stdout
+
+
+def test_functions_in_defs_are_short():
+    """Thin assets: every function of tc_assets/defs/ (asset bodies included) fits in 40 lines;
+    computation belongs in scoring/, reading and writing in io/, plots in defs/plots.py."""
+    defs_dir = Path(tc_assets.__file__).parent / "defs"
+    long = []
+    for path in sorted(defs_dir.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(defs_dir)}:{node.lineno} {node.name} {lines}")
+    assert not long, long

@@ -26,15 +26,11 @@ from pydantic import ValidationError
 from scipy.stats import spearmanr
 from sklearn.metrics import r2_score
 
+from tc_assets.defs.config import ProxyConfig
 from tc_assets.defs.definitions import PlatformPaths, build_definitions
 from tc_assets.defs.partitions import ROUNDS_PARTITIONS_NAME
-from tc_assets.defs.proxy import (
-    ProxyConfig,
-    importance_figure,
-    load_window,
-    shapes_figure,
-    tc_proxy_model,
-)
+from tc_assets.defs.plots import importance_figure, shapes_figure
+from tc_assets.defs.proxy import load_window, tc_proxy_model
 from tc_assets.defs.resources import WarehouseResource
 from tc_assets.io.ingest import ingest_round, load_resolved
 from tc_assets.io.source import LocalRoundSource

@@ -119,22 +119,3 @@ def check_within(
             "examples": markdown_table(values[outside].reset_index().head(max_rows)),
         },
     )
-
-
-def check_close(
-    actual: float,
-    expected: float,
-    *,
-    tol: float,
-    label: str,
-    severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR,
-) -> dg.AssetCheckResult:
-    """Pass when |actual - expected| <= tol (e.g. a portfolio's weights summing to zero)."""
-    gap = abs(float(actual) - float(expected))
-    ok = bool(gap <= tol)
-    return dg.AssetCheckResult(
-        passed=ok,
-        severity=severity,
-        description=f"{label} = {actual:.3g}, expected {expected:g} (tolerance {tol:g})",
-        metadata={label: float(actual), "expected": float(expected), "gap": gap, "tol": tol},
-    )

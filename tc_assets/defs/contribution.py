@@ -10,14 +10,17 @@ import numpy as np
 import pandas as pd
 
 from tc_assets.defs.checks import check_finite, round_check
+from tc_assets.defs.config import TCConfig, settings_of
 from tc_assets.defs.metadata import markdown_table, timer
-from tc_assets.defs.partitions import WAREHOUSE_POOL, round_of, rounds_partitions
+from tc_assets.defs.partitions import round_asset, round_failure, round_of
 from tc_assets.defs.resources import WarehouseResource
 from tc_assets.io.contract import RETURN_COLUMN
-from tc_assets.scoring.contribution import TCSettings, true_contribution
+from tc_assets.scoring.contribution import TCResult, TCSettings, true_contribution
 from tc_assets.scoring.meta_model import prediction_matrix
 from tc_assets.scoring.optimizer import (
+    ConstraintViolation,
     OptimizerSettings,
+    PortfolioSolution,
     PortfolioSolveError,
     PortfolioSpec,
     build_spec,
@@ -27,19 +30,8 @@ from tc_assets.scoring.optimizer import (
 )
 
 GROUP = "contribution"
+KINDS = {"torch", "duckdb"}
 CONSTRAINT_TOL = 1e-7
-
-
-class OptimizerResource(dg.ConfigurableResource, OptimizerSettings):
-    """The meta portfolio problem, one configuration shared by `meta_portfolio`, its check and
-    `tc_scores` (see OptimizerSettings for each field and its default)."""
-
-    def settings(self) -> OptimizerSettings:
-        return OptimizerSettings(**{k: getattr(self, k) for k in OptimizerSettings.model_fields})
-
-
-class TCConfig(dg.Config, TCSettings):
-    """How TC is computed (see TCSettings for each field and its default)."""
 
 
 def round_spec(
@@ -51,6 +43,17 @@ def round_spec(
     return build_spec(medium, adv, settings)
 
 
+class OptimizerResource(dg.ConfigurableResource, OptimizerSettings):
+    """The meta portfolio problem, one configuration shared by `meta_portfolio`, its check and
+    `tc_scores` (see OptimizerSettings for each field and its default)."""
+
+    def round_spec(
+        self, universe: pd.DataFrame, round_info: dict, market: pd.Series | None
+    ) -> PortfolioSpec:
+        """The round's optimizer problem with these settings (see `round_spec`)."""
+        return round_spec(universe, round_info, market, settings_of(self, OptimizerSettings))
+
+
 def centred_target(resolved: pd.DataFrame, ids: pd.Index, column: str) -> np.ndarray:
     """The round's target (or return) on the live ids, centred; ids without one get 0."""
     t = resolved[column].reindex(ids).to_numpy(dtype=np.float64)
@@ -58,16 +61,19 @@ def centred_target(resolved: pd.DataFrame, ids: pd.Index, column: str) -> np.nda
     return np.nan_to_num(t, nan=0.0)
 
 
-def _failure(exc: Exception, r: int) -> dg.Failure:
-    return dg.Failure(description=str(exc), metadata={"round": r}, allow_retries=False)
+def tc_target(resolved: pd.DataFrame, ids: pd.Index, column: str, r: int) -> np.ndarray:
+    """The centred `column` TC is scored on; a round that did not publish it fails clearly."""
+    if column not in resolved.columns:
+        raise round_failure(
+            r,
+            f"round {r}: TC is configured on target_column {column!r}, but this round's "
+            f"resolved.parquet has no {column!r} column (it published targets only); set "
+            "target_column: target to score TC on the target",
+        )
+    return centred_target(resolved, ids, column)
 
 
-@dg.asset(
-    partitions_def=rounds_partitions,
-    group_name=GROUP,
-    pool=WAREHOUSE_POOL,
-    kinds={"torch", "duckdb"},
-)
+@round_asset(group=GROUP, kinds=KINDS)
 def meta_portfolio(
     context: dg.AssetExecutionContext,
     optimizer: OptimizerResource,
@@ -81,66 +87,68 @@ def meta_portfolio(
     """The optimized portfolio of the round's meta model (index: id; weight, swmm), written to
     `meta_model.weight`; its realized return R = w . t (t the centred target) in the metadata."""
     r = round_of(context)
-    spec = round_spec(universe, round_info, market, optimizer.settings())
+    spec = optimizer.round_spec(universe, round_info, market)
     x = meta_model.reindex(universe.index).to_numpy(dtype=np.float64)
     with timer() as t:
         try:
             sol = solve_portfolio(x, spec, label=str(r))
         except PortfolioSolveError as exc:
-            raise _failure(exc, r) from exc
+            raise round_failure(r, exc) from exc
     problem = inexact_split(sol, spec)
     if problem is not None:  # not a tradable portfolio: fail before anything is written
-        raise dg.Failure(
-            description=f"round {r}: {problem}",
-            metadata={"round": r, "overlap": sol.long_short_overlap},
-            allow_retries=False,
-        )
+        raise round_failure(r, f"round {r}: {problem}", overlap=sol.long_short_overlap)
     frame = pd.DataFrame({"weight": sol.weights, "swmm": x}, index=universe.index)
-    warehouse.get().update_columns(
-        "meta_model",
-        r,
-        pd.DataFrame({"id": universe.index.to_numpy(), "weight": sol.weights}),
-        on=("id",),
-        columns=("weight",),
-    )
-    target = centred_target(resolved, universe.index, "target")
-    realized = {"realized_R_target": float(sol.weights @ target)}
-    if RETURN_COLUMN in resolved.columns:
-        ret = centred_target(resolved, universe.index, RETURN_COLUMN)
-        realized["realized_R_return"] = float(sol.weights @ ret)
-    else:
+    weights = pd.DataFrame({"id": universe.index.to_numpy(), "weight": sol.weights})
+    warehouse.get().update_columns("meta_model", r, weights, on=("id",), columns=("weight",))
+    columns = ["target", RETURN_COLUMN] if RETURN_COLUMN in resolved.columns else ["target"]
+    if RETURN_COLUMN not in columns:
         context.log.info(f"round {r}: no realized returns, realized_R_return is skipped")
+    realized = {
+        f"realized_R_{column}": float(sol.weights @ centred_target(resolved, frame.index, column))
+        for column in columns
+    }
+    metadata = {"round": r, **_solution_metadata(sol, spec, frame, realized), **t}
+    return dg.Output(frame, metadata=metadata)
+
+
+def _solution_metadata(
+    sol: PortfolioSolution, spec: PortfolioSpec, frame: pd.DataFrame, realized: dict
+) -> dict:
+    """What the solver did and what the portfolio holds."""
     top = frame.assign(abs_weight=frame["weight"].abs()).nlargest(10, "abs_weight")
-    return dg.Output(
-        frame,
-        metadata={
-            "round": r,
-            "status": sol.status,
-            "objective": sol.objective,
-            **realized,
-            "iterations": sol.iterations,
-            "kkt_residual": sol.kkt_residual,
-            "active_position_caps": sol.active_caps,
-            "active_exposure_limits": sol.active_exposures,
-            "exposure_constraints": spec.n_exposures,
-            "free_positions": sol.free_positions,
-            "held_long": sol.held_long,
-            "held_short": sol.held_short,
-            "max_violation": sol.max_violation,
-            "largest_positions": markdown_table(top.reset_index()[["id", "weight", "swmm"]]),
-            "seconds": t["seconds"],
-        },
+    return {
+        "status": sol.status,
+        "objective": sol.objective,
+        **realized,
+        "iterations": sol.iterations,
+        "kkt_residual": sol.kkt_residual,
+        "active_position_caps": sol.active_caps,
+        "active_exposure_limits": sol.active_exposures,
+        "exposure_constraints": spec.n_exposures,
+        "free_positions": sol.free_positions,
+        "held_long": sol.held_long,
+        "held_short": sol.held_short,
+        "max_violation": sol.max_violation,
+        "largest_positions": markdown_table(top.reset_index()[["id", "weight", "swmm"]]),
+    }
+
+
+def _describe(violations: list[ConstraintViolation]) -> str:
+    """The violated constraints in words, or that every one holds."""
+    if not violations:
+        return "every constraint holds within 1e-7"
+    where = {"exposure": "feature"}
+    return "; ".join(
+        f"{v.constraint} off by {v.amount:.3g}"
+        + (f" at {where.get(v.constraint, 'stock')} {v.index}" if v.index is not None else "")
+        for v in violations
     )
 
 
 @round_check(
     asset=meta_portfolio,
     blocking=True,
-    additional_ins={
-        "universe": dg.AssetIn("universe"),
-        "round_info": dg.AssetIn("round_info"),
-        "market": dg.AssetIn("market"),
-    },
+    additional_ins={name: dg.AssetIn(name) for name in ("universe", "round_info", "market")},
 )
 def meta_portfolio_constraints(
     optimizer: OptimizerResource,
@@ -151,46 +159,27 @@ def meta_portfolio_constraints(
 ) -> dg.AssetCheckResult:
     """The weights satisfy every constraint of the problem within 1e-7: each side sums to 1,
     every position within its cap, every medium feature exposure within its limit."""
-    spec = round_spec(universe, round_info, market, optimizer.settings())
+    spec = optimizer.round_spec(universe, round_info, market)
     w = meta_portfolio["weight"].reindex(universe.index).to_numpy(dtype=np.float64)
     violations = check_constraints(w, spec, tol=CONSTRAINT_TOL)
+    exposure = float(np.abs(spec.exposures.T @ w).max()) if spec.n_exposures else 0.0
     return dg.AssetCheckResult(
         passed=not violations,
         severity=dg.AssetCheckSeverity.ERROR,
-        description=(
-            "every constraint holds within 1e-7"
-            if not violations
-            else "; ".join(
-                f"{v.constraint} off by {v.amount:.3g}"
-                + (
-                    f" at {'feature' if v.constraint == 'exposure' else 'stock'} {v.index}"
-                    if v.index is not None
-                    else ""
-                )
-                for v in violations
-            )
-        ),
+        description=_describe(violations),
         metadata={
             "violations": len(violations),
             "worst": max((v.amount for v in violations), default=0.0),
             "long_sum": float(np.maximum(w, 0).sum()),
             "short_sum": float(np.maximum(-w, 0).sum()),
-            "max_abs_exposure": float(np.abs(spec.exposures.T @ w).max())
-            if spec.n_exposures
-            else 0.0,
+            "max_abs_exposure": exposure,
         },
     )
 
 
-@dg.asset(
-    partitions_def=rounds_partitions,
-    group_name=GROUP,
-    pool=WAREHOUSE_POOL,
-    kinds={"torch", "duckdb"},
-    # After the meta portfolio and its blocking constraint check: TC differentiates that same
-    # problem, so a round whose portfolio is not valid gets no TC (and no payouts).
-    deps=[meta_portfolio],
-)
+# After the meta portfolio and its blocking constraint check: TC differentiates that same
+# problem, so a round whose portfolio is not valid gets no TC (and no payouts).
+@round_asset(group=GROUP, kinds=KINDS, deps=[meta_portfolio])
 def tc_scores(
     context: dg.AssetExecutionContext,
     config: TCConfig,
@@ -207,20 +196,11 @@ def tc_scores(
     model_id; tc, tc_std across bags, bags): the gradient of the optimized meta portfolio's
     return with respect to the model's stake, averaged over dropout bags."""
     r = round_of(context)
-    settings = TCSettings(**{k: getattr(config, k) for k in TCSettings.model_fields})
-    spec = round_spec(universe, round_info, market, optimizer.settings())
+    settings = settings_of(config, TCSettings)
+    spec = optimizer.round_spec(universe, round_info, market)
     preds = predictions.reindex(universe.index)
     stake = stakes["stake"].reindex(preds.columns).fillna(0.0)
-    if settings.target_column not in resolved.columns:
-        raise _failure(
-            ValueError(
-                f"round {r}: TC is configured on target_column {settings.target_column!r}, but "
-                f"this round's resolved.parquet has no {settings.target_column!r} column (it "
-                "published targets only); set target_column: target to score TC on the target"
-            ),
-            r,
-        )
-    target = centred_target(resolved, universe.index, settings.target_column)
+    target = tc_target(resolved, universe.index, settings.target_column, r)
     with timer() as t_rank:
         p = prediction_matrix(preds.to_numpy(dtype=np.float64))
     context.log.info(
@@ -229,15 +209,26 @@ def tc_scores(
     )
     try:
         result = true_contribution(p, stake.to_numpy(), target, spec, settings, label=str(r))
-    except PortfolioSolveError as exc:
-        raise _failure(exc, r) from exc
-    except ValueError as exc:
-        raise _failure(exc, r) from exc
-    scores = pd.DataFrame(
-        {"tc": result.tc, "tc_std": result.tc_std, "bags": result.bags, "engine": result.engine},
-        index=pd.Index(preds.columns, name="model_id"),
-    )
+    except (PortfolioSolveError, ValueError) as exc:
+        raise round_failure(r, exc) from exc
+    scores = _scores_table(result, preds.columns)
     warehouse.get().write_round(r, {"tc_scores": scores.reset_index()})
+    metadata = _tc_metadata(result, scores, stake, rank_seconds=t_rank["seconds"])
+    return dg.Output(scores, metadata={"round": r, **metadata})
+
+
+def _scores_table(result: TCResult, models: pd.Index) -> pd.DataFrame:
+    """The `tc_scores` table (index: model_id): tc, tc_std, bags, engine."""
+    columns = {"tc": result.tc, "tc_std": result.tc_std, "bags": result.bags}
+    return pd.DataFrame(
+        {**columns, "engine": result.engine}, index=pd.Index(models, name="model_id")
+    )
+
+
+def _tc_metadata(
+    result: TCResult, scores: pd.DataFrame, stake: pd.Series, rank_seconds: float
+) -> dict:
+    """The engine's run, the stability of the scores, and the top and bottom of the ranking."""
     unbagged = (
         float(np.corrcoef(result.tc, result.unbagged_tc)[0, 1])
         if result.unbagged_tc is not None and np.std(result.unbagged_tc) > 0
@@ -245,30 +236,26 @@ def tc_scores(
     )
     ranked = scores.sort_values("tc", ascending=False).reset_index()
     iterations = result.iterations if result.iterations is not None else np.array([np.nan])
-    return dg.Output(
-        scores,
-        metadata={
-            "round": r,
-            "engine": result.engine,
-            "device": result.device,
-            "models": len(scores),
-            "staked_models": int((stake > 0).sum()),
-            "bags": result.bags,
-            "skipped_bags": len(result.skipped_bags),
-            "seconds": result.seconds,
-            "rank_seconds": t_rank["seconds"],
-            "time_per_bag_s": result.time_per_bag_s,
-            "solver_iterations_mean": float(np.nanmean(iterations)),
-            "solver_iterations_max": float(np.nanmax(iterations)),
-            "kkt_max": result.kkt_max,
-            "split_half_stability": result.split_half(),
-            "corr_with_unbagged_gradient": unbagged,
-            "scale_kappa": result.scale,
-            "meta_portfolio_R": result.realized_return,
-            "top_tc": markdown_table(ranked.head(10)),
-            "bottom_tc": markdown_table(ranked.tail(10)),
-        },
-    )
+    return {
+        "engine": result.engine,
+        "device": result.device,
+        "models": len(scores),
+        "staked_models": int((stake > 0).sum()),
+        "bags": result.bags,
+        "skipped_bags": len(result.skipped_bags),
+        "seconds": result.seconds,
+        "rank_seconds": rank_seconds,
+        "time_per_bag_s": result.time_per_bag_s,
+        "solver_iterations_mean": float(np.nanmean(iterations)),
+        "solver_iterations_max": float(np.nanmax(iterations)),
+        "kkt_max": result.kkt_max,
+        "split_half_stability": result.split_half(),
+        "corr_with_unbagged_gradient": unbagged,
+        "scale_kappa": result.scale,
+        "meta_portfolio_R": result.realized_return,
+        "top_tc": markdown_table(ranked.head(10)),
+        "bottom_tc": markdown_table(ranked.tail(10)),
+    }
 
 
 @round_check(asset=tc_scores, blocking=True)

@@ -10,14 +10,21 @@ The checks: predictions usable (blocking: no accepted prediction, low coverage, 
 behind them fails the run), the share of rejected files and the coverage of resolved (warn).
 """
 
+from collections.abc import Iterator
+
 import dagster as dg
 import pandas as pd
-from pydantic import Field
 
 from tc_assets.defs.checks import round_check
-from tc_assets.defs.config import IngestConfig
+from tc_assets.defs.config import IngestConfig, IngestionCheckConfig
 from tc_assets.defs.metadata import markdown_table, timer
-from tc_assets.defs.partitions import WAREHOUSE_POOL, round_of, rounds_partitions
+from tc_assets.defs.partitions import (
+    WAREHOUSE_POOL,
+    round_asset,
+    round_failure,
+    round_of,
+    rounds_partitions,
+)
 from tc_assets.defs.resources import RoundSourceResource, WarehouseResource
 from tc_assets.io.contract import MIN_COVERAGE, RETURN_COLUMN, RoundInputError
 from tc_assets.io.ingest import (
@@ -29,6 +36,7 @@ from tc_assets.io.ingest import (
 )
 
 GROUP = "ingestion"
+KINDS = {"pandas", "duckdb"}
 # A round source that cannot be reached (SourceUnavailable: S3 throttling or a server error past
 # the client's own retries, a broken connection) fails the step, which Dagster runs again after
 # 30 s, 60 s and 120 s. A bad input is a dagster.Failure without retries: retrying cannot help.
@@ -37,22 +45,21 @@ SOURCE_RETRY = dg.RetryPolicy(
 )
 PROGRESS_MIN_FILES = 200  # rounds with at least this many submission files log read progress
 
-
-def _out(description: str) -> dg.AssetOut:
-    return dg.AssetOut(group_name=GROUP, description=description, kinds={"pandas", "duckdb"})
+OUTPUTS = {
+    "round_info": "round.json (calendar, payout parameters) and the round's feature sets.",
+    "universe": "live.parquet: the round's ids with their era and features (index: id).",
+    "example_predictions": "The example model's predictions (index: id).",
+    "market": "adv_usd per id from market.parquet (None when the round has none).",
+    "stakes": "stakes.csv, validated (index: model_id).",
+    "predictions": "Accepted predictions: ids x models, NaN where not submitted.",
+    "portfolios": "Accepted portfolio weights: ids x models, 0 where not held.",
+}
 
 
 @dg.multi_asset(
     outs={
-        "round_info": _out(
-            "round.json (calendar, payout parameters) and the round's feature sets."
-        ),
-        "universe": _out("live.parquet: the round's ids with their era and features (index: id)."),
-        "example_predictions": _out("The example model's predictions (index: id)."),
-        "market": _out("adv_usd per id from market.parquet (None when the round has none)."),
-        "stakes": _out("stakes.csv, validated (index: model_id)."),
-        "predictions": _out("Accepted predictions: ids x models, NaN where not submitted."),
-        "portfolios": _out("Accepted portfolio weights: ids x models, 0 where not held."),
+        name: dg.AssetOut(group_name=GROUP, description=text, kinds=KINDS)
+        for name, text in OUTPUTS.items()
     },
     partitions_def=rounds_partitions,
     pool=WAREHOUSE_POOL,
@@ -64,7 +71,7 @@ def round_inputs(
     config: IngestConfig,
     round_source: RoundSourceResource,
     warehouse: WarehouseResource,
-):
+) -> Iterator[dg.Output]:
     """Read and validate every input of the round available at close, then write it at once."""
     r = round_of(context)
     source = round_source.open()
@@ -84,11 +91,7 @@ def round_inputs(
                 workers=config.read_workers,
             )
         except RoundInputError as exc:
-            raise dg.Failure(
-                description=str(exc),
-                metadata={"round": r, "source": source.uri},
-                allow_retries=False,
-            ) from exc
+            raise round_failure(r, exc, source=source.uri) from exc
     with timer() as t_write:
         counts = warehouse.get().write_round(r, warehouse_tables(inputs, source.uri))
     context.log.info(
@@ -96,98 +99,86 @@ def round_inputs(
         f"portfolio submissions accepted, {len(inputs.rejections)} rejected "
         f"({t_read['seconds']:.1f}s read, {t_write['seconds']:.1f}s write)"
     )
-    yield from _outputs(inputs, counts, t_read["seconds"], t_write["seconds"])
+    common = {"round": r, "read_seconds": t_read["seconds"], "write_seconds": t_write["seconds"]}
+    for name, (value, metadata) in _described(inputs, counts).items():
+        yield dg.Output(value, output_name=name, metadata={**common, **metadata})
 
 
-def _outputs(inputs: RoundInputs, counts: dict[str, int], read_s: float, write_s: float):
-    rej = inputs.rejections
-    sub = inputs.submissions
-    common = {"round": inputs.round, "read_seconds": read_s, "write_seconds": write_s}
-    yield dg.Output(
-        {**inputs.info, "feature_sets": inputs.feature_sets},
-        output_name="round_info",
-        metadata={
-            **common,
-            "open_time": str(inputs.info["open_time"]),
-            "close_time": str(inputs.info["close_time"]),
-            "stake_threshold": inputs.info["stake_threshold"],
-            "clip": inputs.info["clip"],
-            "features": {k: len(v) for k, v in inputs.feature_sets.items()},
-        },
-    )
-    yield dg.Output(
-        inputs.live,
-        output_name="universe",
-        metadata={**common, "ids": len(inputs.live), "rows": counts["universe"]},
-    )
-    yield dg.Output(
-        inputs.example,
-        output_name="example_predictions",
-        metadata={**common, "rows": counts["example_predictions"]},
-    )
-    yield dg.Output(
-        inputs.market,
-        output_name="market",
-        metadata={
-            **common,
-            "rows": counts["market"],
-            "present": inputs.market is not None,
-            "median_adv_usd": float(inputs.market.median()) if inputs.market is not None else 0.0,
-        },
-    )
+def _described(inputs: RoundInputs, counts: dict[str, int]) -> dict[str, tuple[object, dict]]:
+    """Each output's value and metadata."""
+    info, market = inputs.info, inputs.market
+    return {
+        "round_info": (
+            {**info, "feature_sets": inputs.feature_sets},
+            {
+                "open_time": str(info["open_time"]),
+                "close_time": str(info["close_time"]),
+                "stake_threshold": info["stake_threshold"],
+                "clip": info["clip"],
+                "features": {k: len(v) for k, v in inputs.feature_sets.items()},
+            },
+        ),
+        "universe": (inputs.live, {"ids": len(inputs.live), "rows": counts["universe"]}),
+        "example_predictions": (inputs.example, {"rows": counts["example_predictions"]}),
+        "market": (
+            market,
+            {
+                "rows": counts["market"],
+                "present": market is not None,
+                "median_adv_usd": float(market.median()) if market is not None else 0.0,
+            },
+        ),
+        "stakes": (inputs.stakes, _stakes_metadata(inputs, counts)),
+        "predictions": (
+            inputs.predictions,
+            _submissions_metadata(inputs, counts, "prediction", inputs.predictions),
+        ),
+        "portfolios": (
+            inputs.portfolios,
+            _submissions_metadata(inputs, counts, "portfolio", inputs.portfolios),
+        ),
+    }
+
+
+def _stakes_metadata(inputs: RoundInputs, counts: dict[str, int]) -> dict:
     stakes = inputs.stakes
     valid = set(inputs.predictions.columns) | set(inputs.portfolios.columns)
     no_submission = sorted(set(stakes.index) - valid)
-    yield dg.Output(
-        stakes,
-        output_name="stakes",
-        metadata={
-            **common,
-            "rows": counts["stakes"],
-            "total_stake": float(stakes["stake"].sum()),
-            "staked_models": int((stakes["stake"] > 0).sum()),
-            "staked_without_valid_submission": len(no_submission),
-            "models_without_valid_submission": dg.MetadataValue.md(
-                ", ".join(no_submission[:50]) or "_(none)_"
-            ),
-        },
-    )
-    for kind, wide, name in (
-        ("prediction", inputs.predictions, "predictions"),
-        ("portfolio", inputs.portfolios, "portfolios"),
-    ):
-        rk = rej[rej["kind"] == kind]
-        sk = sub[sub["kind"] == kind]
-        yield dg.Output(
-            wide,
-            output_name=name,
-            metadata={
-                **common,
-                "rows": counts[name],
-                "models_accepted": wide.shape[1],
-                "models_rejected": len(rk),
-                "rejections_by_rule": rk["rule"].value_counts().to_dict(),
-                "rejections": markdown_table(rk[["model_id", "rule", "reason"]], max_rows=50),
-                "foreign_ids_dropped": int(sk["foreign_ids_dropped"].sum()),
-                "min_coverage": float(sk["coverage"].min()) if len(sk) else 0.0,
-            },
-        )
+    return {
+        "rows": counts["stakes"],
+        "total_stake": float(stakes["stake"].sum()),
+        "staked_models": int((stakes["stake"] > 0).sum()),
+        "staked_without_valid_submission": len(no_submission),
+        "models_without_valid_submission": dg.MetadataValue.md(
+            ", ".join(no_submission[:50]) or "_(none)_"
+        ),
+    }
 
 
-@dg.asset(
-    partitions_def=rounds_partitions,
-    group_name=GROUP,
-    pool=WAREHOUSE_POOL,
-    output_required=False,
-    kinds={"pandas", "duckdb"},
-    retry_policy=SOURCE_RETRY,
-)
+def _submissions_metadata(
+    inputs: RoundInputs, counts: dict[str, int], kind: str, wide: pd.DataFrame
+) -> dict:
+    name = f"{kind}s"
+    rk = inputs.rejections[inputs.rejections["kind"] == kind]
+    sk = inputs.submissions[inputs.submissions["kind"] == kind]
+    return {
+        "rows": counts[name],
+        "models_accepted": wide.shape[1],
+        "models_rejected": len(rk),
+        "rejections_by_rule": rk["rule"].value_counts().to_dict(),
+        "rejections": markdown_table(rk[["model_id", "rule", "reason"]], max_rows=50),
+        "foreign_ids_dropped": int(sk["foreign_ids_dropped"].sum()),
+        "min_coverage": float(sk["coverage"].min()) if len(sk) else 0.0,
+    }
+
+
+@round_asset(group=GROUP, kinds=KINDS, output_required=False, retry_policy=SOURCE_RETRY)
 def resolved(
     context: dg.AssetExecutionContext,
     universe: pd.DataFrame,
     round_source: RoundSourceResource,
     warehouse: WarehouseResource,
-):
+) -> Iterator[dg.Output]:
     """Targets, and realized returns when published (index: id), once resolved.parquet has
     arrived.
 
@@ -199,7 +190,7 @@ def resolved(
     try:
         frame = load_resolved(source, r, universe.index)
     except RoundInputError as exc:
-        raise dg.Failure(description=str(exc), metadata={"round": r}, allow_retries=False) from exc
+        raise round_failure(r, exc) from exc
     if frame is None:
         context.log.info(
             f"round {r} is awaiting resolution: {source.uri}/rounds/{r}/resolved.parquet has not "
@@ -208,57 +199,44 @@ def resolved(
         return
     with timer() as t:
         counts = warehouse.get().write_round(r, {"resolved": resolved_table(frame)})
-    has_returns = RETURN_COLUMN in frame.columns
-    metadata: dict = {
-        "round": r,
-        "rows": counts["resolved"],
-        "coverage": len(frame) / len(universe),
-        "target_distribution": {
-            f"{k:g}": round(float(v), 4)
-            for k, v in frame["target"].value_counts(normalize=True).sort_index().items()
-        },
-        "has_returns": has_returns,
-        "write_seconds": t["seconds"],
-    }
-    if has_returns:
-        metadata["return_std"] = float(frame[RETURN_COLUMN].std())
-    else:
+    if RETURN_COLUMN not in frame.columns:
         context.log.info(
             f"round {r}: resolved.parquet has targets only (no return column): the round is "
             "scored and paid in bucket space; the realized-return figures and the capacity "
             "curves are skipped, and the raw payout basis or TC on 'return', if configured, "
             "fail."
         )
-    yield dg.Output(frame, metadata=metadata)
+    metadata = {"round": r, "rows": counts["resolved"], **_resolved_metadata(frame, universe)}
+    yield dg.Output(frame, metadata={**metadata, "write_seconds": t["seconds"]})
+
+
+def _resolved_metadata(frame: pd.DataFrame, universe: pd.DataFrame) -> dict:
+    """Coverage of the live ids, the target's distribution, and the returns' spread if any."""
+    distribution = frame["target"].value_counts(normalize=True).sort_index()
+    has_returns = RETURN_COLUMN in frame.columns
+    metadata = {
+        "coverage": len(frame) / len(universe),
+        "target_distribution": {f"{k:g}": round(float(v), 4) for k, v in distribution.items()},
+        "has_returns": has_returns,
+    }
+    if has_returns:
+        metadata["return_std"] = float(frame[RETURN_COLUMN].std())
+    return metadata
 
 
 # --- the ingestion checks -------------------------------------------------------------------
 
 
-class IngestionCheckConfig(dg.Config):
-    """Thresholds of the ingestion checks (the contract's hard rules are enforced at ingestion)."""
-
-    min_staked_share: float = Field(
-        default=0.5,
-        ge=0.0,
-        le=1.0,
-        description="Warn when models with a valid prediction hold less than this share of "
-        "the round's stake (the meta model then speaks for few stakers).",
-    )
-    max_rejected_share: float = Field(
-        default=0.25,
-        ge=0.0,
-        le=1.0,
-        description="Warn when more than this share of the round's submission files is "
-        "rejected (a broken upload or a changed format upstream).",
-    )
-    min_resolved_share: float = Field(
-        default=0.95,
-        ge=0.0,
-        le=1.0,
-        description="Warn when resolved.parquet resolves less than this share of live ids "
-        f"(below {MIN_COVERAGE:.0%} ingestion refuses the file).",
-    )
+def _unusable(predictions: pd.DataFrame, coverage: pd.Series, staked: float) -> str | None:
+    """Why the accepted predictions cannot make a meta model, or None."""
+    low = coverage[coverage < MIN_COVERAGE]
+    if predictions.shape[1] == 0:
+        return "no accepted prediction"
+    if len(low):
+        return f"{len(low)} models cover < {MIN_COVERAGE:.0%} of ids: {list(low.index[:5])}"
+    if staked <= 0:
+        return "no stake behind the accepted predictions: the meta model is undefined"
+    return None
 
 
 @round_check(
@@ -275,10 +253,8 @@ def predictions_coverage(
     """
     n_ids, n_models = predictions.shape
     coverage = predictions.notna().mean(axis=0) if n_models else pd.Series(dtype=float)
-    low = coverage[coverage < MIN_COVERAGE]
-    stake = stakes["stake"]
-    total = float(stake.sum())
-    staked = float(stake.reindex(predictions.columns).fillna(0.0).sum())
+    total = float(stakes["stake"].sum())
+    staked = float(stakes["stake"].reindex(predictions.columns).fillna(0.0).sum())
     share = staked / total if total > 0 else 0.0
     metadata = {
         "ids": n_ids,
@@ -288,21 +264,11 @@ def predictions_coverage(
         "stake_with_valid_predictions": staked,
         "staked_share": share,
     }
-    if n_models == 0 or staked <= 0 or len(low):
-        why = (
-            "no accepted prediction"
-            if n_models == 0
-            else f"{len(low)} models cover < {MIN_COVERAGE:.0%} of ids: {list(low.index[:5])}"
-            if len(low)
-            else "no stake behind the accepted predictions: the meta model is undefined"
-        )
-        return dg.AssetCheckResult(
-            passed=False, severity=dg.AssetCheckSeverity.ERROR, description=why, metadata=metadata
-        )
+    why = _unusable(predictions, coverage, staked)
     return dg.AssetCheckResult(
-        passed=share >= config.min_staked_share,
-        severity=dg.AssetCheckSeverity.WARN,
-        description=f"{n_models} models, {share:.0%} of the stake has a valid prediction",
+        passed=why is None and share >= config.min_staked_share,
+        severity=dg.AssetCheckSeverity.WARN if why is None else dg.AssetCheckSeverity.ERROR,
+        description=why or f"{n_models} models, {share:.0%} of the stake has a valid prediction",
         metadata=metadata,
     )
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 
 
@@ -30,3 +32,22 @@ def timer() -> Iterator[dict[str, float]]:
         yield out
     finally:
         out["seconds"] = round(time.perf_counter() - start, 3)
+
+
+def key_values(values: Mapping[str, Any]) -> dg.MetadataValue:
+    """A dict as a two-column markdown table."""
+    frame = pd.DataFrame({"": list(values), "value": [str(v) for v in values.values()]})
+    return dg.MetadataValue.md(frame.to_markdown(index=False))
+
+
+def scalars(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The finite numbers and booleans of a row as metadata values (the rest left out)."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, bool | np.bool_):
+            out[k] = dg.MetadataValue.bool(bool(v))
+        elif isinstance(v, int | np.integer):
+            out[k] = dg.MetadataValue.int(int(v))
+        elif isinstance(v, float | np.floating) and np.isfinite(v):
+            out[k] = dg.MetadataValue.float(float(v))
+    return out

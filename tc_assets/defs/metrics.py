@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 
 from tc_assets.defs.checks import check_finite, round_check
+from tc_assets.defs.config import MetricsConfig, settings_of
 from tc_assets.defs.metadata import markdown_table, timer
-from tc_assets.defs.partitions import WAREHOUSE_POOL, round_of, rounds_partitions
+from tc_assets.defs.partitions import round_asset, round_of
 from tc_assets.defs.resources import WarehouseResource
 from tc_assets.scoring.meta_model import swmm
 from tc_assets.scoring.metrics import (
@@ -23,22 +24,14 @@ from tc_assets.scoring.metrics import (
 )
 
 GROUP = "metrics"
-
-
-class MetricsConfig(dg.Config, MetricsSettings):
-    """Run configuration of the metrics assets (see MetricsSettings for each field)."""
+KINDS = {"numpy", "duckdb"}
 
 
 def _medium(universe: pd.DataFrame, round_info: dict) -> pd.DataFrame:
     return universe[round_info["feature_sets"]["medium"]]
 
 
-@dg.asset(
-    partitions_def=rounds_partitions,
-    group_name=GROUP,
-    pool=WAREHOUSE_POOL,
-    kinds={"numpy", "duckdb"},
-)
+@round_asset(group=GROUP, kinds=KINDS)
 def meta_model(
     context: dg.AssetExecutionContext,
     predictions: pd.DataFrame,
@@ -73,12 +66,7 @@ def meta_model(
     )
 
 
-@dg.asset(
-    partitions_def=rounds_partitions,
-    group_name=GROUP,
-    pool=WAREHOUSE_POOL,
-    kinds={"numpy", "duckdb"},
-)
+@round_asset(group=GROUP, kinds=KINDS)
 def feature_exposures(
     context: dg.AssetExecutionContext,
     config: MetricsConfig,
@@ -96,15 +84,13 @@ def feature_exposures(
     r = round_of(context)
     with timer() as t:
         per_model, exposures = feature_metrics(
-            predictions, _medium(universe, round_info), example_predictions, config
+            predictions,
+            _medium(universe, round_info),
+            example_predictions,
+            settings_of(config, MetricsSettings),
         )
-    warehouse.get().write_round(
-        r,
-        {
-            "feature_exposures": exposures_long(exposures),
-            "exposure_metrics": per_model.reset_index(),
-        },
-    )
+    tables = {"feature_exposures": exposures_long(exposures)}
+    warehouse.get().write_round(r, {**tables, "exposure_metrics": per_model.reset_index()})
     top = per_model.sort_values("max_feature_exposure", ascending=False).reset_index()
     return dg.Output(
         per_model,
@@ -120,12 +106,7 @@ def feature_exposures(
     )
 
 
-@dg.asset(
-    partitions_def=rounds_partitions,
-    group_name=GROUP,
-    pool=WAREHOUSE_POOL,
-    kinds={"numpy", "duckdb"},
-)
+@round_asset(group=GROUP, kinds=KINDS)
 def model_metrics(
     context: dg.AssetExecutionContext,
     config: MetricsConfig,
@@ -142,24 +123,21 @@ def model_metrics(
     r = round_of(context)
     with timer() as t:
         metrics = target_metrics(
-            predictions, _medium(universe, round_info), resolved["target"], meta_model, config
+            predictions,
+            _medium(universe, round_info),
+            resolved["target"],
+            meta_model,
+            settings_of(config, MetricsSettings),
         )
     metrics = metrics.join(feature_exposures[["exposure_dissimilarity", "max_feature_exposure"]])
     metrics = metrics[list(MODEL_METRICS)]
     warehouse.get().write_round(r, {"model_metrics": metrics.reset_index()})
-    tops = pd.DataFrame(
-        {
-            name: pd.Series([f"{m} ({v:.4f})" for m, v in metrics[name].nlargest(5).items()])
-            for name in (*TARGET_METRICS, "exposure_dissimilarity", "max_feature_exposure")
-        }
-    ).fillna("")  # fewer than 5 models with a value: empty cells
-    tops.index = pd.Index(range(1, len(tops) + 1), name="rank")
     return dg.Output(
         metrics,
         metadata={
             "round": r,
             "models": len(metrics),
-            "top_models": markdown_table(tops.reset_index()),
+            "top_models": markdown_table(_top_models(metrics).reset_index()),
             "summary": markdown_table(
                 metrics.describe().T.reset_index().rename(columns={"index": "metric"})
             ),
@@ -168,6 +146,18 @@ def model_metrics(
             "seconds": t["seconds"],
         },
     )
+
+
+def _top_models(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The five best models by each metric, as "model (value)", one column per metric."""
+    tops = pd.DataFrame(
+        {
+            name: pd.Series([f"{m} ({v:.4f})" for m, v in metrics[name].nlargest(5).items()])
+            for name in (*TARGET_METRICS, "exposure_dissimilarity", "max_feature_exposure")
+        }
+    ).fillna("")  # fewer than 5 models with a value: empty cells
+    tops.index = pd.Index(range(1, len(tops) + 1), name="rank")
+    return tops
 
 
 @round_check(asset=model_metrics, blocking=True)

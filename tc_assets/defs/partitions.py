@@ -1,6 +1,10 @@
-"""The round partitions shared by every round-scoped asset, job, schedule and sensor."""
+"""The round partitions shared by every round-scoped asset, job, schedule and sensor, and the
+decorator, partition key and failure every round asset uses."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import dagster as dg
 
@@ -14,6 +18,28 @@ rounds_partitions = dg.DynamicPartitionsDefinition(name=ROUNDS_PARTITIONS_NAME)
 WAREHOUSE_POOL = "duckdb_writers"
 
 
+def round_asset(
+    *, group: str, kinds: set[str], **kwargs: Any
+) -> Callable[[Callable[..., Any]], dg.AssetsDefinition]:
+    """`dg.asset` for an asset of one round that writes the warehouse: partitioned by round,
+    in the writers' pool, in `group` with `kinds`; other `dg.asset` arguments pass through."""
+    return dg.asset(
+        partitions_def=rounds_partitions,
+        group_name=group,
+        pool=WAREHOUSE_POOL,
+        kinds=kinds,
+        **kwargs,
+    )
+
+
 def round_of(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> int:
     """The round number of the partition being materialized."""
     return int(context.partition_key)
+
+
+def round_failure(r: int, error: Exception | str, **metadata: Any) -> dg.Failure:
+    """A failure of round r's step that retrying cannot mend (a bad input, a problem without a
+    solution): its message in the UI and the CLI, no stack trace, no retry."""
+    return dg.Failure(
+        description=str(error), metadata={"round": r, **metadata}, allow_retries=False
+    )

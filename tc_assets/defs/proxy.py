@@ -18,35 +18,26 @@ A window with too few rounds (a young deployment, the first rounds of a backfill
 error of the round: by default the asset logs the reason and does not materialize, so the
 round's job still succeeds; `fail_when_short` makes it fail with the same message.
 
-Plots (matplotlib, Agg canvas, no pyplot state): importances as a bar chart and the shape
-functions of the top terms, saved as PNG under `<warehouse dir>/tc_proxy/` and attached as
-markdown images (data URIs, which the Dagster UI's markdown renderer allows for images) under
-"[Show Markdown]", with their paths.
+Plots (plots.py): importances as a bar chart and the shape functions of the top terms, saved
+as PNG under `<warehouse dir>/tc_proxy/` and attached as markdown images, with their paths.
 """
 
-import base64
-import io
-import math
 from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pandas as pd
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
-from matplotlib.figure import Figure
-from pydantic import Field
 
+from tc_assets.defs.config import ProxyConfig, settings_of
 from tc_assets.defs.contribution import tc_scores
 from tc_assets.defs.metadata import markdown_table, timer
 from tc_assets.defs.metrics import model_metrics
-from tc_assets.defs.partitions import WAREHOUSE_POOL, round_of, rounds_partitions
+from tc_assets.defs.partitions import round_asset, round_failure, round_of
+from tc_assets.defs.plots import importance_figure, plot_metadata, shapes_figure
 from tc_assets.defs.resources import WarehouseResource
+from tc_assets.io import queries
 from tc_assets.io.warehouse import Warehouse
 from tc_assets.scoring.proxy_model import (
-    INTERACTION_TERM,
     METRIC_TERMS,
     InsufficientRoundsError,
     ProxyResult,
@@ -59,54 +50,10 @@ PLOT_DIR = "tc_proxy"
 PROXY_TABLES = ("tc_proxy_importance", "tc_proxy_shape", "tc_proxy_fit")
 
 
-class ProxyConfig(dg.Config, ProxySettings):
-    """Run configuration of `tc_proxy_model` (see ProxySettings for the model's fields)."""
-
-    fail_when_short: bool = Field(
-        default=False,
-        description="Fail the step when fewer than min_rounds rounds are available (default: "
-        "log why and do not materialize, so that the round's job succeeds).",
-    )
-    plot_terms: int = Field(
-        default=4, ge=1, le=7, description="Top terms whose shape functions are plotted."
-    )
-
-    def settings(self) -> ProxySettings:
-        """The model's settings alone (without the asset's own fields)."""
-        return ProxySettings.model_validate(
-            {name: getattr(self, name) for name in ProxySettings.model_fields}
-        )
-
-
-# --- warehouse --------------------------------------------------------------------------
-
-
 def load_window(wh: Warehouse, window_end: int, window_rounds: int) -> pd.DataFrame:
-    """model_metrics joined with tc_scores: every row of the last `window_rounds` rounds
-    <= `window_end` that have a model with tc and every metric finite (empty before either
-    table exists)."""
-    columns = ["round", "model_id", "tc", *METRIC_TERMS]
-    if not {"model_metrics", "tc_scores"} <= set(wh.table_names()):
-        return pd.DataFrame(columns=columns)
-    metrics = ", ".join(f"m.{c}" for c in METRIC_TERMS)
-    complete = " AND ".join(f"isfinite({c})" for c in ("tc", *METRIC_TERMS))
-    return wh.query(
-        f"""
-        WITH joined AS (
-            SELECT m.round, m.model_id, t.tc, {metrics}
-            FROM model_metrics AS m
-            JOIN tc_scores AS t ON t.round = m.round AND t.model_id = m.model_id
-            WHERE m.round <= ?
-        ),
-        window_rounds AS (
-            SELECT DISTINCT round FROM joined WHERE {complete}
-            ORDER BY round DESC LIMIT ?
-        )
-        SELECT * FROM joined WHERE round IN (SELECT round FROM window_rounds)
-        ORDER BY round, model_id
-        """,
-        [int(window_end), int(window_rounds)],
-    )
+    """The fitted rows of the window: every model of the last `window_rounds` rounds
+    <= `window_end` with tc and every metric term finite (see `queries.metrics_with_tc`)."""
+    return queries.metrics_with_tc(wh, window_end, window_rounds, METRIC_TERMS)
 
 
 def proxy_tables(result: ProxyResult, plots: dict[str, Path]) -> dict[str, pd.DataFrame]:
@@ -151,104 +98,11 @@ def proxy_tables(result: ProxyResult, plots: dict[str, Path]) -> dict[str, pd.Da
     return {"tc_proxy_importance": importance, "tc_proxy_shape": shape, "tc_proxy_fit": fit}
 
 
-# --- plots ------------------------------------------------------------------------------
-
-
-def _label(term: str, result: ProxyResult) -> str:
-    """A term's input, as the x-axis label of its shape function."""
-    if term != INTERACTION_TERM:
-        return term
-    mf, me = result.interaction_center
-    if mf == 0 and me == 0:
-        return "fnc_v3 x exposure_dissimilarity"
-    return f"(fnc_v3 - {mf:.3g}) x (exposure_dissimilarity - {me:.3g})"
-
-
-def importance_figure(result: ProxyResult) -> Figure:
-    """Horizontal bars of term importance, coloured by monotonicity (blue +1, red -1)."""
-    imp = result.importance.iloc[::-1]
-    fig = Figure(figsize=(8.5, 0.45 * len(imp) + 2.0), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    cmap, norm = colormaps["RdBu"], Normalize(-1.0, 1.0)
-    mono = imp["monotonicity"].to_numpy()
-    colors = [cmap(norm(m)) if np.isfinite(m) else "lightgrey" for m in mono]
-    bars = ax.barh(imp.index, imp["importance"], color=colors, edgecolor="black", lw=0.5)
-    for bar, share, m in zip(bars, imp["share"], mono, strict=True):
-        rho = f", monotonicity {m:+.2f}" if np.isfinite(m) else ""
-        ax.annotate(
-            f" {share:.0%}{rho}",
-            (bar.get_width(), bar.get_y() + bar.get_height() / 2),
-            va="center",
-            fontsize=8,
-        )
-    ax.set_xlim(0, imp["importance"].max() * 1.6 if len(imp) else 1)
-    ax.set_xlabel("importance: mean |contribution to predicted TC| over the window's rows")
-    ax.set_ylabel("term")
-    rounds = result.rounds
-    ax.set_title(
-        f"What explains TC, rounds {rounds[0]}-{rounds[-1]} ({result.rows} model-rounds): "
-        f"held-out R² {result.held_out_r2:.2f}",
-        fontsize=10,
-    )
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="monotonicity (Spearman)")
-    fig.tight_layout()
-    return fig
-
-
-def shapes_figure(result: ProxyResult, terms: list[str]) -> Figure:
-    """One panel per term: its contribution to predicted TC against its input (steps over the
-    EBM's bins), with the distribution of the fitted rows underneath."""
-    cols = min(2, len(terms))
-    nrows = math.ceil(len(terms) / cols)
-    fig = Figure(figsize=(5.2 * cols, 3.6 * nrows + 0.6), dpi=100)
-    FigureCanvasAgg(fig)
-    for k, term in enumerate(terms):
-        ax = fig.add_subplot(nrows, cols, k + 1)
-        s = result.shapes[result.shapes["term"] == term]
-        edges = np.append(s["lower"].to_numpy(), s["upper"].to_numpy()[-1])
-        ax.stairs(s["contribution"].to_numpy(), edges, baseline=None, color="tab:blue", lw=1.5)
-        ax.axhline(0.0, color="black", lw=0.6)
-        rug = ax.twinx()
-        rug.hist(s["x"], bins=30, weights=s["weight"], color="grey", alpha=0.25)
-        rug.set_yticks([])
-        rug.set_ylim(top=rug.get_ylim()[1] * 4)  # keep the histogram in the bottom quarter
-        row = result.importance.loc[term]
-        ax.set_title(
-            f"{term}: importance {row['importance']:.4f}, monotonicity {row['monotonicity']:+.2f}",
-            fontsize=9,
-        )
-        ax.set_xlabel(_label(term, result), fontsize=8)
-        ax.set_ylabel("contribution to predicted TC")
-        ax.set_zorder(rug.get_zorder() + 1)
-        ax.patch.set_visible(False)
-    rounds = result.rounds
-    fig.suptitle(f"TC proxy shape functions, rounds {rounds[0]}-{rounds[-1]}", fontsize=11)
-    fig.tight_layout()
-    return fig
-
-
-def png_bytes(fig: Figure) -> bytes:
-    """The figure as PNG bytes."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    return buf.getvalue()
-
-
-def _markdown_image(png: bytes, alt: str) -> dg.MetadataValue:
-    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
-
-
-# --- asset ------------------------------------------------------------------------------
-
-
-@dg.asset(
-    partitions_def=rounds_partitions,
-    group_name=GROUP,
-    pool=WAREHOUSE_POOL,
+@round_asset(
+    group=GROUP,
+    kinds={"scikitlearn", "duckdb"},
     deps=[model_metrics, tc_scores],
     output_required=False,
-    kinds={"scikitlearn", "duckdb"},
 )
 def tc_proxy_model(
     context: dg.AssetExecutionContext, config: ProxyConfig, warehouse: WarehouseResource
@@ -260,7 +114,7 @@ def tc_proxy_model(
     (`tc_proxy_fit`, held-out R^2), and attaches the plots."""
     r = round_of(context)
     wh = warehouse.get()
-    settings = config.settings()
+    settings = settings_of(config, ProxySettings)
     with timer() as t_read:
         frame = load_window(wh, r, settings.window_rounds)
     try:
@@ -268,50 +122,60 @@ def tc_proxy_model(
             result = fit_tc_proxy(frame, settings, window_end=r)
     except InsufficientRoundsError as exc:
         if config.fail_when_short:
-            raise dg.Failure(
-                description=str(exc), metadata={"round": r}, allow_retries=False
-            ) from exc
+            raise round_failure(r, exc) from exc
         context.log.warning(f"tc_proxy_model[{r}] not materialized: {exc}")
         wh.clear_partition(r, PROXY_TABLES)  # an earlier fit of this window no longer holds
         return
-    folder = warehouse.directory / PLOT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    top = result.top_terms(config.plot_terms)
-    pngs = {
-        "importance": png_bytes(importance_figure(result)),
-        "shapes": png_bytes(shapes_figure(result, top)),
-    }
-    paths = {name: folder / f"window_{r}_{name}.png" for name in pngs}
-    for name, png in pngs.items():
-        paths[name].write_bytes(png)
+    plots = _plots(result, warehouse.directory / PLOT_DIR, r, config.plot_terms)
+    paths = {name: Path(plots[f"{name}_plot_path"].value) for name in ("importance", "shapes")}
     with timer() as t_write:
         counts = wh.write_partition(r, proxy_tables(result, paths))
-    imp = result.importance
+    timings = {"read_seconds": t_read, "fit_seconds": t_fit, "write_seconds": t_write}
     yield dg.MaterializeResult(
         metadata={
-            "window_end": r,
-            "window": f"{result.rounds[0]}-{result.rounds[-1]}",
-            "rounds": len(result.rounds),
-            "held_out": f"{result.held_out_rounds[0]}-{result.held_out_rounds[-1]}",
-            "rows": result.rows,
-            "rows_dropped": result.rows_dropped,
-            "models": result.models,
-            "held_out_r2": result.held_out_r2,
-            "held_out_corr": result.held_out_corr,
-            "fit_r2": result.fit_r2,
-            "top_term": imp.index[0],
-            "top_term_monotonicity": float(imp["monotonicity"].iloc[0]),
-            "importance": markdown_table(imp.reset_index(), max_rows=len(imp)),
-            "importance_plot": _markdown_image(pngs["importance"], "TC proxy importances"),
-            "shapes_plot": _markdown_image(pngs["shapes"], "TC proxy shape functions"),
-            "importance_plot_path": dg.MetadataValue.path(str(paths["importance"])),
-            "shapes_plot_path": dg.MetadataValue.path(str(paths["shapes"])),
+            **_fit_metadata(r, result),
+            **plots,
             "shape_rows": counts["tc_proxy_shape"],
-            "read_seconds": t_read["seconds"],
-            "fit_seconds": t_fit["seconds"],
-            "write_seconds": t_write["seconds"],
+            **{name: t["seconds"] for name, t in timings.items()},
         }
     )
+
+
+def _plots(result: ProxyResult, folder: Path, r: int, terms: int) -> dict[str, dg.MetadataValue]:
+    """The importances and the shape functions of the top `terms`, saved and attached."""
+    importance = importance_figure(result)
+    shapes = shapes_figure(result, result.top_terms(terms))
+    return {
+        **plot_metadata(
+            importance,
+            folder / f"window_{r}_importance.png",
+            "importance_plot",
+            "TC proxy importances",
+        ),
+        **plot_metadata(
+            shapes, folder / f"window_{r}_shapes.png", "shapes_plot", "TC proxy shape functions"
+        ),
+    }
+
+
+def _fit_metadata(r: int, result: ProxyResult) -> dict:
+    """The window, the fit's quality and the terms by importance."""
+    imp = result.importance
+    return {
+        "window_end": r,
+        "window": f"{result.rounds[0]}-{result.rounds[-1]}",
+        "rounds": len(result.rounds),
+        "held_out": f"{result.held_out_rounds[0]}-{result.held_out_rounds[-1]}",
+        "rows": result.rows,
+        "rows_dropped": result.rows_dropped,
+        "models": result.models,
+        "held_out_r2": result.held_out_r2,
+        "held_out_corr": result.held_out_corr,
+        "fit_r2": result.fit_r2,
+        "top_term": imp.index[0],
+        "top_term_monotonicity": float(imp["monotonicity"].iloc[0]),
+        "importance": markdown_table(imp.reset_index(), max_rows=len(imp)),
+    }
 
 
 defs = dg.Definitions(assets=[tc_proxy_model])

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import numpy as np
 from dagster_dbt import (
     DagsterDbtTranslator,
     DagsterDbtTranslatorSettings,
@@ -38,11 +37,12 @@ from dagster_dbt import (
     DbtProject,
     dbt_assets,
 )
-from pydantic import Field
 
-from tc_assets.defs.metadata import markdown_table
+from tc_assets.defs.config import DbtBuildConfig
+from tc_assets.defs.metadata import markdown_table, scalars
 from tc_assets.defs.partitions import WAREHOUSE_POOL, round_of, rounds_partitions
 from tc_assets.defs.resources import WarehouseResource
+from tc_assets.io import queries
 
 GROUP = "reporting"
 DBT_PROJECT_DIR = Path(__file__).resolve().parents[2] / "dbt_metrics"
@@ -61,17 +61,6 @@ PREVIEWS: dict[str, tuple[str, str]] = {
         "pp_rank",
     ),
 }
-
-
-class DbtBuildConfig(dg.Config):
-    """How a round's dbt build runs (set in the launchpad for one run)."""
-
-    full_refresh: bool = Field(
-        default=False,
-        description="Rebuild every round of the selected marts from scratch (`dbt build "
-        "--full-refresh`): needed after a mart's columns change, and to bring model_reputation "
-        "up to date after earlier rounds were re-scored.",
-    )
 
 
 class ReportingSetupError(RuntimeError):
@@ -167,47 +156,26 @@ def _relation(node: Mapping[str, Any]) -> str:
     return f'"{node["schema"]}"."{node["alias"]}"'
 
 
-def _scalars(values: Mapping[str, Any]) -> dict[str, Any]:
-    """The finite numbers and booleans of a row as metadata values (the rest left out)."""
-    out: dict[str, Any] = {}
-    for k, v in values.items():
-        if isinstance(v, bool | np.bool_):
-            out[k] = dg.MetadataValue.bool(bool(v))
-        elif isinstance(v, int | np.integer):
-            out[k] = dg.MetadataValue.int(int(v))
-        elif isinstance(v, float | np.floating) and np.isfinite(v):
-            out[k] = dg.MetadataValue.float(float(v))
-    return out
-
-
 def _round_metadata(
     warehouse: WarehouseResource, r: int, nodes: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, dict[str, Any]]:
     """Per dbt unique_id: the model's rows of round r and, for the marts, their top rows."""
     if not nodes:
         return {}
-    counts_sql = " union all ".join(
-        f"select '{uid}' as uid, count(*) as n from {_relation(n)} where round = {r}"
-        for uid, n in nodes.items()
-    )
     wh = warehouse.get()
-    counts = wh.query(counts_sql).set_index("uid")["n"]
+    counts = queries.relation_round_counts(wh, {uid: _relation(n) for uid, n in nodes.items()}, r)
     out: dict[str, dict[str, Any]] = {}
     for uid, node in nodes.items():
         out[uid] = {"round": r, "round_rows": int(counts.get(uid, 0))}
         name = node["name"]
         if name in PREVIEWS:
-            cols, rank = PREVIEWS[name]
-            top = wh.query(
-                f"select {cols} from {_relation(node)} where round = {r} "
-                f"order by {rank}, model_id limit 10"
-            )
+            top = queries.relation_top(wh, _relation(node), *PREVIEWS[name], r)
             out[uid]["top"] = markdown_table(top, max_rows=10)
         elif name == "round_summary":
             # One number per field, so the UI plots each across rounds.
-            row = wh.query(f"select * from {_relation(node)} where round = {r}")
+            row = queries.relation_round(wh, _relation(node), r)
             if len(row):
-                out[uid].update(_scalars(row.iloc[0].to_dict()))
+                out[uid].update(scalars(row.iloc[0].to_dict()))
     return out
 
 
@@ -239,12 +207,7 @@ def _build_round(
     if config.full_refresh:
         args.append("--full-refresh")
     with _environment({WAREHOUSE_ENV: path}):
-        invocation = dbt.cli(
-            args,
-            context=context,
-            raise_on_error=False,
-            target_path=target,
-        )
+        invocation = dbt.cli(args, context=context, raise_on_error=False, target_path=target)
     events = list(invocation.stream())
     error = invocation.get_error()
     built = {

@@ -4,13 +4,15 @@ per deployment."""
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
-from dagster._core.storage.fs_io_manager import PickledObjectFilesystemIOManager
 from dagster_aws.s3 import S3Resource
 from dagster_aws.s3.io_manager import PickledObjectS3IOManager
 from pydantic import Field
+from upath import UPath
 
 from tc_assets.io.s3_source import DEFAULT_MAX_ATTEMPTS, ENDPOINT_ENV, S3RoundSource
 from tc_assets.io.source import LocalRoundSource, RoundSource
@@ -82,8 +84,22 @@ def _never_produced(context: dg.InputContext) -> dg.Failure:
     )
 
 
-class _RoundValues(PickledObjectFilesystemIOManager):
-    """Dagster's pickle-per-asset-partition storage; a missing upstream value is a clear error."""
+class _RoundValues(dg.UPathIOManager):
+    """One pickle per asset and partition under `base_dir` (`<asset>/<round>`); a missing
+    upstream value is a clear error."""
+
+    extension = ""
+
+    def __init__(self, base_dir: str) -> None:
+        super().__init__(base_path=UPath(base_dir))
+
+    def dump_to_path(self, context: dg.OutputContext, obj: Any, path: UPath) -> None:
+        with path.open("wb") as file:
+            pickle.dump(obj, file, pickle.HIGHEST_PROTOCOL)
+
+    def load_from_path(self, context: dg.InputContext, path: UPath) -> Any:
+        with path.open("rb") as file:
+            return pickle.load(file)
 
     def load_input(self, context: dg.InputContext) -> object:
         try:
@@ -107,9 +123,7 @@ class RoundStorage(dg.FilesystemIOManager):
     under `base_dir`. Loading a value that was never produced (an asset materialized alone
     before its inputs, or before the round resolved) fails with a message, not a stack trace."""
 
-    def create_io_manager(
-        self, context: dg.InitResourceContext
-    ) -> PickledObjectFilesystemIOManager:
+    def create_io_manager(self, context: dg.InitResourceContext) -> dg.UPathIOManager:
         base_dir = self.base_dir or context.instance.storage_directory()
         return _RoundValues(base_dir=base_dir)
 
