@@ -28,7 +28,8 @@ import dagster as dg
 from tc_assets.defs.automation.state import run_tags
 from tc_assets.defs.definitions import SCORE_ROUND_JOB, PlatformPaths, build_definitions
 from tc_assets.defs.partitions import ROUNDS_PARTITIONS_NAME
-from tc_assets.io.source import SourceError, open_source
+from tc_assets.defs.resources import RoundSourceResource
+from tc_assets.io.source import SourceError
 
 INSTANCE_CONFIG = Path(__file__).resolve().parent / "dagster.yaml"
 
@@ -183,7 +184,7 @@ def run_rounds(
     job = defs.resolve_job_def(SCORE_ROUND_JOB)
     run_config = {"loggers": {"progress": {}, "console": {"config": {"log_level": "DEBUG"}}}}
     instance = instance or dg.DagsterInstance.get()
-    source = open_source(paths.source)
+    source = RoundSourceResource.for_uri(paths.source).open()
     if rounds is None:
         rounds = source.round_numbers()
         if not rounds:

@@ -79,7 +79,8 @@ def test_meta_portfolio_and_tc_scores_on_a_generated_round(
     tc = wh.read_round("tc_scores", 1).set_index("model_id")
     assert set(tc.index) == set(inputs.predictions.columns)
     assert (tc["bags"] == 100).all() and tc["tc"].notna().all() and (tc["tc_std"] > 0).any()
-    zero_stake = [m for m in tc.index if inputs.prediction_stakes()[m] == 0]
+    stake = inputs.stakes["stake"].reindex(tc.index).fillna(0.0)
+    zero_stake = list(stake.index[stake == 0])
     assert zero_stake and (tc.loc[zero_stake, "tc"] != 0).any()
     md = metadata(result, "tc_scores")
     assert md["engine"] == "fast" and md["bags"] == 100 and md["models"] == len(tc)

@@ -1,7 +1,7 @@
 """Per-model metrics and the SWMM against numerai-tools, model by model, on a generated round.
 
 The reference calls `numerai_tools.scoring` on each model's own series (its submitted ids, and
-for target metrics those with a target), as DATA_CONTRACT.md §2 defines the metrics.
+for target metrics those with a target), as the README's Metrics section defines them.
 """
 
 from __future__ import annotations
@@ -252,10 +252,10 @@ def test_tb200_reproduces_numerai_selection_with_tied_neutral_values() -> None:
     for metric in TARGET_METRICS:
         assert max_abs_diff(got[metric], ref[metric]) <= TOL, metric
     # The case is real: in some model the tie group at a cut is split by the cut.
-    from tc_assets.scoring.neutralize import neutralize
+    from tc_assets.scoring.neutralize import Neutralizer
 
-    neutral = neutralize(pd.DataFrame(gaussian_rank(preds.to_numpy()), index=ids), feats)
-    keys, _, order = rank_keys(neutral.to_numpy().T, return_order=True)
+    neutral = Neutralizer(feats.to_numpy()).residual_rows(gaussian_rank(preds.to_numpy()).T)
+    keys, _, order = rank_keys(neutral, return_order=True)
     n = len(ids)
     cut = np.take_along_axis(keys, order[:, [tb - 1, tb, n - tb - 1, n - tb]], axis=1)
     assert ((cut[:, 0] == cut[:, 1]) | (cut[:, 2] == cut[:, 3])).any()

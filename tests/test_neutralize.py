@@ -1,4 +1,5 @@
-"""Matrix neutralization against ``numerai_tools.scoring.neutralize``, column by column."""
+"""The round's Neutralizer (what the metrics run) against ``numerai_tools.scoring.neutralize``,
+column by column."""
 
 from __future__ import annotations
 
@@ -8,14 +9,7 @@ import pytest
 from numerai_tools import scoring as ns
 from threadpoolctl import threadpool_limits
 
-from tc_assets.scoring.neutralize import (
-    FeatureSpan,
-    NeutralizationSettings,
-    design_matrix,
-    group_rows_by_mask,
-    neutralize,
-    neutralize_matrix,
-)
+from tc_assets.scoring.neutralize import FeatureSpan, Neutralizer, design_matrix, group_rows_by_mask
 from tc_assets.scoring.transforms import gaussian_rank
 
 TOL = 1e-12
@@ -39,6 +33,15 @@ def make_round(
     raw[:, 6] = 0.5  # constant
     preds = pd.DataFrame(gaussian_rank(raw), index=ids, columns=[f"m{j}" for j in range(m)])
     return preds, features
+
+
+def neutralize(
+    preds: pd.DataFrame, features: pd.DataFrame, proportion: float = 1.0
+) -> pd.DataFrame:
+    """Every model (column) of `preds` neutralized by one Neutralizer of the round."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        rows = Neutralizer(features.to_numpy()).residual_rows(preds.to_numpy().T, proportion)
+    return pd.DataFrame(rows.T, index=preds.index, columns=preds.columns)
 
 
 def numerai_columns(
@@ -126,12 +129,12 @@ def test_identical_ids_get_identical_values_as_numerai() -> None:
         assert np.array_equal(got[c].iloc[300:400].to_numpy(), got[c].iloc[0:100].to_numpy())
 
 
-def test_matrix_layouts_agree() -> None:
+def test_row_layouts_agree() -> None:
     preds, features = make_round(seed=5)
-    x = preds.to_numpy()
-    f = features.to_numpy()
-    a = neutralize_matrix(np.ascontiguousarray(x), f)
-    b = neutralize_matrix(np.asfortranarray(x), f)
+    y = preds.to_numpy().T
+    neutralizer = Neutralizer(features.to_numpy())
+    a = neutralizer.residual_rows(np.ascontiguousarray(y))
+    b = neutralizer.residual_rows(np.asfortranarray(y))
     assert np.array_equal(np.isnan(a), np.isnan(b))
     assert np.nanmax(np.abs(a - b)) <= TOL
 
@@ -144,26 +147,10 @@ def test_group_rows_by_mask() -> None:
     assert [list(g) for g in group_rows_by_mask(mask)] == [[0, 2], [1, 3], [4]]
 
 
-def test_settings_defaults_and_validation() -> None:
-    s = NeutralizationSettings()
-    assert s.proportion == 1.0 and s.rcond == 1e-6
-    with pytest.raises(ValueError):
-        NeutralizationSettings(proportion=1.5)
-
-
-@pytest.mark.parametrize("case", ["misaligned", "nan_features", "inf", "no_features", "series"])
-def test_bad_input_raises(case: str) -> None:
+def test_bad_shapes_raise() -> None:
     preds, features = make_round(n=60, k=3)
-    error: type[Exception] = ValueError
-    if case == "misaligned":
-        features = features.iloc[::-1]
-    elif case == "nan_features":
-        features.iloc[0, 0] = np.nan
-    elif case == "inf":
-        preds.iloc[0, 0] = np.inf
-    elif case == "no_features":
-        features = features.iloc[:, :0]
-    elif case == "series":
-        preds, error = preds["m0"], TypeError
-    with pytest.raises(error):
-        neutralize(preds, features)
+    neutralizer = Neutralizer(features.to_numpy())
+    with pytest.raises(ValueError, match="shape"):
+        neutralizer.residual_rows(preds.to_numpy())  # ids x models, not models x ids
+    with pytest.raises(ValueError, match="2-d"):
+        Neutralizer(features["f0"].to_numpy())

@@ -1,4 +1,4 @@
-"""Classic payouts: every formula of issue 5 §1 against hand-computed small examples, and the
+"""Classic payouts: every formula (README, Payouts) against hand-computed small examples, and the
 multiplier elections checked at ingestion."""
 
 from dataclasses import fields
@@ -9,7 +9,7 @@ import pytest
 
 from tc_assets.io.contract import RoundInputError, validate_stakes
 from tc_assets.io.ingest import ingest_round
-from tc_assets.io.source import open_source
+from tc_assets.io.source import LocalRoundSource
 from tc_assets.io.synthetic import MIN_MODELS, SyntheticSettings, generate_source
 from tc_assets.io.tables import table
 from tc_assets.scoring import portfolio_weights as pw
@@ -171,7 +171,7 @@ def test_a_bad_election_fails_the_rounds_ingestion(tmp_path):
     generate_source(tmp_path, [1], settings)
     path = tmp_path / "rounds" / "1" / "stakes.csv"
     stakes = pd.read_csv(path)
-    source = open_source(str(tmp_path))
+    source = LocalRoundSource(tmp_path)
     assert ingest_round(source, 1, ALLOWED_CORR, ALLOWED_TC).stakes.shape[0] == len(stakes)
     bad_model = stakes.loc[4, "model_id"]
     stakes.loc[4, "tc_multiplier"] = 2.5

@@ -1,4 +1,4 @@
-"""The TC proxy model (issue 8): an EBM of TC on the per-round metrics over a window of rounds.
+"""The TC proxy model: an EBM of TC on the per-round metrics over a window of rounds.
 
 The main data: 10 generated rounds scored by the project's own functions (ingestion, metrics,
 the fast TC engine), cached once per session. Its settings make TC depend mostly on fnc_v3,
@@ -78,7 +78,7 @@ def score_round(source: LocalRoundSource, r: int) -> pd.DataFrame:
     inputs = ingest_round(source, r)
     target = load_resolved(source, r, inputs.ids)["target"]
     medium = inputs.live[inputs.medium]
-    stakes = inputs.prediction_stakes()
+    stakes = inputs.stakes["stake"].reindex(inputs.predictions.columns).fillna(0.0)
     metrics = target_metrics(
         inputs.predictions, medium, target, swmm(inputs.predictions, stakes), METRICS
     ).join(feature_metrics(inputs.predictions, medium, inputs.example, METRICS)[0])

@@ -15,7 +15,7 @@ from tc_assets.defs import ingest
 from tc_assets.defs.resources import RoundSourceResource
 from tc_assets.io.ingest import ingest_round
 from tc_assets.io.s3_source import S3RoundSource
-from tc_assets.io.source import LocalRoundSource, SourceError, SourceUnavailable, open_source
+from tc_assets.io.source import LocalRoundSource, SourceError, SourceUnavailable
 from tc_assets.io.synthetic import SyntheticSettings, generate_source
 from tc_assets.io.warehouse import Warehouse
 from tests.conftest import platform, run_job
@@ -75,7 +75,7 @@ def test_s3_source_reads_the_same_layout_as_the_local_folder(s3_environment, loc
     with pytest.raises(SourceError, match="NoSuchKey"):
         s3.read_bytes("rounds/1/missing.parquet")
     # Outside Dagster (tc-platform run lists rounds this way) the same environment applies.
-    assert open_source(s3_environment).round_numbers() == [1, 2]
+    assert RoundSourceResource.for_uri(s3_environment).open().round_numbers() == [1, 2]
 
 
 def _warehouse_rows(path: str) -> dict[str, pd.DataFrame]:

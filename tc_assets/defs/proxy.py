@@ -77,12 +77,7 @@ def proxy_tables(result: ProxyResult, plots: dict[str, Path]) -> dict[str, pd.Da
                 "rounds": len(result.rounds),
                 "train_rounds": len(result.train_rounds),
                 "held_out_rounds": len(result.held_out_rounds),
-                "rows": result.rows,
-                "rows_dropped": result.rows_dropped,
-                "models": result.models,
-                "held_out_r2": result.held_out_r2,
-                "held_out_corr": result.held_out_corr,
-                "fit_r2": result.fit_r2,
+                **_fit_quality(result),
                 "intercept": result.intercept,
                 "interaction_fnc_v3_center": result.interaction_center[0],
                 "interaction_dissimilarity_center": result.interaction_center[1],
@@ -158,6 +153,18 @@ def _plots(result: ProxyResult, folder: Path, r: int, terms: int) -> dict[str, d
     }
 
 
+def _fit_quality(result: ProxyResult) -> dict:
+    """The rows fitted and how well the model explains TC, in sample and held out."""
+    return {
+        "rows": result.rows,
+        "rows_dropped": result.rows_dropped,
+        "models": result.models,
+        "held_out_r2": result.held_out_r2,
+        "held_out_corr": result.held_out_corr,
+        "fit_r2": result.fit_r2,
+    }
+
+
 def _fit_metadata(r: int, result: ProxyResult) -> dict:
     """The window, the fit's quality and the terms by importance."""
     imp = result.importance
@@ -166,12 +173,7 @@ def _fit_metadata(r: int, result: ProxyResult) -> dict:
         "window": f"{result.rounds[0]}-{result.rounds[-1]}",
         "rounds": len(result.rounds),
         "held_out": f"{result.held_out_rounds[0]}-{result.held_out_rounds[-1]}",
-        "rows": result.rows,
-        "rows_dropped": result.rows_dropped,
-        "models": result.models,
-        "held_out_r2": result.held_out_r2,
-        "held_out_corr": result.held_out_corr,
-        "fit_r2": result.fit_r2,
+        **_fit_quality(result),
         "top_term": imp.index[0],
         "top_term_monotonicity": float(imp["monotonicity"].iloc[0]),
         "importance": markdown_table(imp.reset_index(), max_rows=len(imp)),

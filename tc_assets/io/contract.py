@@ -1,4 +1,4 @@
-"""The data contract (shared/DATA_CONTRACT.md) as code: names, rules and validators.
+"""The data contract (README, "Input contract") as code: names, rules and validators.
 
 Everything here is pure: validators take DataFrames and return clean values or a rejection.
 Reading files lives in `source.py`, assembling a round in `ingest.py`, writing in `warehouse.py`.
@@ -18,7 +18,7 @@ TARGET_VALUES = (0.0, 0.25, 0.5, 0.75, 1.0)
 MIN_COVERAGE = 0.8
 PORTFOLIO_TOLERANCE = 1e-6
 
-# File names inside rounds/<R>/ (contract §1).
+# File names inside rounds/<R>/.
 FEATURES_FILE = "features.json"
 ROUND_FILE = "round.json"
 LIVE_FILE = "live.parquet"

@@ -1,4 +1,4 @@
-"""Read and validate one round from a round source (contract §1).
+"""Read and validate one round from a round source (the input contract, io/contract.py).
 
 `ingest_round` either returns every valid part of the round, with each rejected submission
 recorded and its reason, or raises `RoundInputError` when a required input (round.json,
@@ -9,8 +9,9 @@ Files other than those the contract names are ignored.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,12 +48,6 @@ class RoundInputs:
     @property
     def medium(self) -> list[str]:
         return self.feature_sets["medium"]
-
-    def prediction_stakes(self) -> pd.Series:
-        """Stakes of models with a valid prediction submission (0 for models without a row)."""
-        s = self.stakes["stake"].reindex(self.predictions.columns).fillna(0.0)
-        s.index.name = "model_id"
-        return s
 
 
 REJECTION_COLUMNS = ["model_id", "kind", "rule", "reason"]
@@ -144,6 +139,18 @@ def _wide(accepted: dict[str, c.Accepted], ids: pd.Index, fill: float) -> pd.Dat
     return pd.DataFrame(out, index=ids, columns=pd.Index(models, name="model_id"))
 
 
+@contextmanager
+def _round_errors(r: int) -> Iterator[None]:
+    """A required file of round r that cannot be read or breaks the contract becomes a
+    RoundInputError naming the round; an unreachable source stays SourceUnavailable."""
+    try:
+        yield
+    except SourceUnavailable:
+        raise
+    except (SourceError, c.RoundInputError) as exc:
+        raise c.RoundInputError(f"round {r}: {exc}") from exc
+
+
 def ingest_round(
     source: RoundSource,
     round_number: int,
@@ -159,7 +166,7 @@ def ingest_round(
     """
     t0 = time.perf_counter()
     r = int(round_number)
-    try:
+    with _round_errors(r):
         info = c.validate_round_info(source.round_info(r), r)
         feature_sets = c.validate_feature_sets(source.feature_sets())
         live = c.validate_live(
@@ -175,12 +182,6 @@ def ingest_round(
             allowed_corr_multipliers,
             allowed_tc_multipliers,
         )
-    except SourceUnavailable:
-        raise
-    except SourceError as exc:
-        raise c.RoundInputError(f"round {r}: {exc}") from exc
-    except c.RoundInputError as exc:
-        raise c.RoundInputError(f"round {r}: {exc}") from exc
     t_required = time.perf_counter()
 
     rejections: list[dict] = []
@@ -235,14 +236,8 @@ def load_resolved(source: RoundSource, round_number: int, ids: pd.Index) -> pd.D
     rel = source.round_path(round_number, c.RESOLVED_FILE)
     if not source.exists(rel):
         return None
-    try:
+    with _round_errors(round_number):
         return c.validate_resolved(source.read_table(rel), ids)
-    except SourceUnavailable:
-        raise
-    except SourceError as exc:
-        raise c.RoundInputError(f"round {round_number}: {exc}") from exc
-    except c.RoundInputError as exc:
-        raise c.RoundInputError(f"round {round_number}: {exc}") from exc
 
 
 # Warehouse rows ----------------------------------------------------------------------------

@@ -8,7 +8,6 @@ module: boto3 finds them in the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, an 
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -37,19 +36,6 @@ TRANSIENT_CODES = frozenset(
 DEFAULT_MAX_ATTEMPTS = 8
 
 
-def client_from_env(max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> Any:
-    """A boto3 S3 client: endpoint from TC_S3_ENDPOINT_URL, credentials and region from the
-    environment, botocore's standard retry mode (the same settings as the Dagster S3Resource)."""
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
-        "s3",
-        endpoint_url=os.environ.get(ENDPOINT_ENV) or None,
-        config=Config(retries={"max_attempts": max_attempts, "mode": "standard"}),
-    )
-
-
 class S3RoundSource(RoundSource):
     """Rounds under `s3://bucket/prefix`; the client is built by the caller (e.g. S3Resource)."""
 
@@ -68,15 +54,14 @@ class S3RoundSource(RoundSource):
         self.retry_delay_s = retry_delay_s
 
     @classmethod
-    def from_uri(cls, uri: str, client: Any = None, **client_kwargs: Any) -> S3RoundSource:
-        """Parse `s3://bucket/prefix`; without a client, build one with `client_from_env`."""
+    def from_uri(cls, uri: str, client: Any) -> S3RoundSource:
+        """Parse `s3://bucket/prefix`; `client` is a boto3 S3 client (`RoundSourceResource`
+        builds it from the environment, through dagster-aws' S3Resource)."""
         if not uri.startswith("s3://"):
             raise ValueError(f"not an s3:// URI: {uri!r}")
         bucket, _, prefix = uri[len("s3://") :].partition("/")
         if not bucket:
             raise ValueError(f"no bucket in {uri!r}")
-        if client is None:
-            client = client_from_env(**client_kwargs)
         return cls(client, bucket, prefix)
 
     @property

@@ -1,4 +1,4 @@
-"""Round sources: where rounds come from (contract §1). A local folder or an S3 prefix.
+"""Round sources: where rounds come from. A local folder or an S3 prefix.
 
 A source only reads bytes and lists names; parsing and validation live in `ingest.py` and
 `contract.py`, so both kinds of source are read by exactly the same code. Paths are built
@@ -237,12 +237,3 @@ def digest(items: Mapping[str, str]) -> str:
     for rel in sorted(items):
         h.update(f"{rel}\t{items[rel]}\n".encode())
     return h.hexdigest()[:32]
-
-
-def open_source(uri: str, **s3_options: Any) -> RoundSource:
-    """A RoundSource for a local path or an `s3://bucket/prefix` URI."""
-    if uri.startswith("s3://"):
-        from tc_assets.io.s3_source import S3RoundSource  # boto3 only when needed
-
-        return S3RoundSource.from_uri(uri, **s3_options)
-    return LocalRoundSource(uri)

@@ -1,4 +1,4 @@
-"""Synthetic Numerai-like round source in the layout of DATA_CONTRACT.md §1, with known truth.
+"""Synthetic Numerai-like round source in the layout of the input contract, with known truth.
 
 Each round is drawn from a small generative model, so later scores can be checked against it:
 

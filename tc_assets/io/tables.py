@@ -1,4 +1,4 @@
-"""Warehouse tables: names, columns and DuckDB types (contract §2 plus the platform's own).
+"""Warehouse tables: names, columns and DuckDB types (the contract's and the platform's own).
 
 Each table is partitioned by one integer column (`round` unless stated): a write replaces
 exactly the rows of one partition. Columns listed here are the only ones a write may carry.
@@ -131,7 +131,7 @@ TABLES: dict[str, Table] = {
             "engine VARCHAR",
             "round model_id",
         ),
-        # Payouts (issue 5).
+        # Payouts.
         _t(
             "payouts",
             "Classic stake payouts: stake * clip(payout_factor * score, -clip, +clip), "
@@ -199,7 +199,7 @@ TABLES: dict[str, Table] = {
             "mean_marginal_return DOUBLE, corr_with_meta DOUBLE",
             "round model_id",
         ),
-        # TC proxy model (issue 8): one EBM per window of rounds, keyed by its last round.
+        # TC proxy model: one EBM per window of rounds, keyed by its last round.
         _t(
             "tc_proxy_importance",
             "Per term of the TC proxy fitted over the window ending at `window_end`: importance "

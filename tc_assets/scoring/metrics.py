@@ -1,4 +1,4 @@
-"""Per-model proxy metrics of one round, vectorized over models (DATA_CONTRACT.md §2).
+"""Per-model proxy metrics of one round, vectorized over models (the `model_metrics` table).
 
 Each value equals what ``numerai_tools.scoring`` returns for that model's own series, i.e. the
 non-NaN ids of its column (``D``), intersected with the ids that have a target (``D_t``) for
@@ -32,7 +32,6 @@ from tc_assets.scoring.neutralize import BLAS_THREADS_HELP, Neutralizer, limit_b
 from tc_assets.scoring.transforms import keys_to_values, rank_keys
 
 TARGET_METRICS = ("corr", "mmc", "fnc_v3", "fnc_v3_tb200")
-FEATURE_METRICS = ("max_feature_exposure", "exposure_dissimilarity")
 MODEL_METRICS = (*TARGET_METRICS, "exposure_dissimilarity", "max_feature_exposure")
 """Metric columns of the warehouse's ``model_metrics`` table, in contract order."""
 

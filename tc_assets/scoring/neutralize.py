@@ -22,8 +22,6 @@ import contextlib
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
 from scipy.linalg import blas, cho_solve, lapack
 from threadpoolctl import ThreadpoolController
 
@@ -33,10 +31,6 @@ RCOND = 1e-6
 # A restricted span uses the Cholesky path only while its condition bound stays this far
 # (x10) below 1 / rcond, so no singular value of A_S can be near lstsq's cutoff.
 _FAST_PATH_MARGIN = 0.1
-
-# Models neutralized per block: bounds temporaries to about 4 x 8 bytes x ids x block.
-_BLOCK_COLUMNS = 256
-
 
 BLAS_THREADS_HELP = (
     "BLAS threads while this runs (None: leave the library default). 1 by default: these "
@@ -55,28 +49,6 @@ def limit_blas_threads(threads: int | None) -> contextlib.AbstractContextManager
     if _controller is None:
         _controller = ThreadpoolController()
     return _controller.limit(limits=threads, user_api="blas")
-
-
-class NeutralizationSettings(BaseModel):
-    """How predictions are neutralized to the feature set."""
-
-    model_config = ConfigDict(frozen=True)
-
-    proportion: float = Field(
-        1.0,
-        ge=0.0,
-        le=1.0,
-        description="Fraction of the least-squares fit on [features, 1] that is subtracted "
-        "(1.0 = fully neutral, numerai's default and the one fnc_v3 uses).",
-    )
-    rcond: float = Field(
-        RCOND,
-        gt=0.0,
-        lt=1.0,
-        description="Singular values <= rcond * largest are treated as zero "
-        "(numerai_tools.scoring.neutralize uses 1e-6).",
-    )
-    blas_threads: int | None = Field(1, ge=1, description=BLAS_THREADS_HELP)
 
 
 def design_matrix(features: np.ndarray) -> np.ndarray:
@@ -246,54 +218,3 @@ class Neutralizer:
             constant = np.nanmax(y, axis=1) == np.nanmin(y, axis=1)  # zero std, as numerai
         res[constant] = np.nan
         return res
-
-
-def neutralize_matrix(
-    x: np.ndarray,
-    features: np.ndarray,
-    proportion: float = 1.0,
-    rcond: float = RCOND,
-    blas_threads: int | None = 1,
-) -> np.ndarray:
-    """Neutralize every column of ``x`` (ids x models, NaN = not submitted) to ``features``.
-
-    Column j equals ``numerai_tools.scoring.neutralize`` applied to that column's non-NaN ids
-    (and the features on those ids); constant columns become NaN. One SVD per call, a Cholesky
-    (or, if ill-conditioned, an SVD) per distinct partial coverage mask.
-    """
-    a = np.asarray(x, dtype=np.float64)
-    if a.ndim != 2:
-        raise ValueError(f"x must be 2-d (ids x models), got shape {a.shape}")
-    if np.isinf(a).any():
-        raise ValueError("x contains infinite values")
-    f = np.asarray(features, dtype=np.float64)
-    if f.ndim != 2 or f.shape[0] != a.shape[0]:
-        raise ValueError(f"x has {a.shape[0]} rows but features has shape {f.shape}")
-    out = np.empty(a.shape, order="F")
-    with limit_blas_threads(blas_threads):
-        neutralizer = Neutralizer(f, rcond)
-        for c0 in range(0, a.shape[1], _BLOCK_COLUMNS):
-            block = slice(c0, c0 + _BLOCK_COLUMNS)
-            out[:, block] = neutralizer.residual_rows(a[:, block].T, proportion).T
-    return out
-
-
-def neutralize(
-    predictions: pd.DataFrame,
-    features: pd.DataFrame,
-    proportion: float = 1.0,
-    rcond: float = RCOND,
-    blas_threads: int | None = 1,
-) -> pd.DataFrame:
-    """DataFrame form of ``neutralize_matrix``: same index on both, NaN = not submitted."""
-    if not isinstance(predictions, pd.DataFrame) or not isinstance(features, pd.DataFrame):
-        raise TypeError("predictions and features must be pandas DataFrames")
-    if predictions.shape[0] == 0 or features.shape[1] == 0:
-        raise ValueError("predictions must have rows and features must have columns")
-    if not predictions.index.equals(features.index):
-        raise ValueError("predictions and features must have the same index (ids, same order)")
-    if features.isna().to_numpy().any():
-        raise ValueError("features contain NaN")
-    x = predictions.to_numpy(np.float64)
-    out = neutralize_matrix(x, features.to_numpy(), proportion, rcond, blas_threads)
-    return pd.DataFrame(out, index=predictions.index, columns=predictions.columns)

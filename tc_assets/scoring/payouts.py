@@ -46,7 +46,7 @@ __all__ = [
 DEFAULT_STAKE_THRESHOLD = 72_000.0
 DEFAULT_CLIP = 0.05
 
-# Contract §2 columns of `payouts`, then the platform's own (`clipped`).
+# The contract's columns of `payouts` (io/tables.py), then the platform's own (`clipped`).
 PAYOUT_COLUMNS = [
     "model_id",
     "stake",

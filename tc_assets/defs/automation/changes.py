@@ -230,9 +230,7 @@ def build_changes_sensor(
         name="round_changes_sensor",
         job_name=SCORE_ROUND_JOB,
         minimum_interval_seconds=settings.round_changes_interval_s,
-        default_status=dg.DefaultSensorStatus.RUNNING
-        if settings.running_by_default
-        else dg.DefaultSensorStatus.STOPPED,
+        default_status=settings.sensor_status,
         description="Scores each closed, ingested round whose input files (resolved.parquet "
         "included) differ by content from what it was last scored on.",
     )

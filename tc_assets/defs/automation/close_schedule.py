@@ -121,9 +121,7 @@ def build_close_schedule(
         cron_schedule=settings.round_close_cron,
         execution_timezone=settings.round_timezone,
         job_name=INGEST_ROUND_JOB,
-        default_status=dg.DefaultScheduleStatus.RUNNING
-        if settings.running_by_default
-        else dg.DefaultScheduleStatus.STOPPED,
+        default_status=settings.schedule_status,
         description=f"At each round close ({settings.round_close_cron}, "
         f"{settings.round_timezone}), ingest the rounds that just closed with their final "
         "submissions.",

@@ -139,9 +139,7 @@ def build_new_round_sensor(
         name="new_round_sensor",
         job_name=INGEST_ROUND_JOB,
         minimum_interval_seconds=settings.new_round_interval_s,
-        default_status=dg.DefaultSensorStatus.RUNNING
-        if settings.running_by_default
-        else dg.DefaultSensorStatus.STOPPED,
+        default_status=settings.sensor_status,
         description="Adds the partition of each new rounds/<R>/round.json in the source and "
         "ingests the round.",
     )

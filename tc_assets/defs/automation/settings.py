@@ -4,6 +4,7 @@ import os
 from collections.abc import Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import dagster as dg
 from pydantic import BaseModel, Field, field_validator
 
 
@@ -58,6 +59,18 @@ class AutomationSettings(BaseModel, frozen=True):
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"unknown time zone {value!r}") from exc
         return value
+
+    @property
+    def sensor_status(self) -> dg.DefaultSensorStatus:
+        """The sensors' status until one is set in the UI."""
+        running = self.running_by_default
+        return dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED
+
+    @property
+    def schedule_status(self) -> dg.DefaultScheduleStatus:
+        """The schedule's status until one is set in the UI."""
+        running = self.running_by_default
+        return dg.DefaultScheduleStatus.RUNNING if running else dg.DefaultScheduleStatus.STOPPED
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "AutomationSettings":
