@@ -153,7 +153,7 @@ class FeatureSpan:
         return fit if self.rows is None else fit[:, self.rows]
 
     def residual(self, y: np.ndarray, proportion: float = 1.0) -> np.ndarray:
-        """``y - proportion * project(y)`` (no zero-std handling; see ``neutralize_matrix``)."""
+        """``y - proportion * project(y)`` (no zero-std handling; see ``Neutralizer.residual_rows``)."""
         fit = self.project(y)
         fit *= proportion
         return np.subtract(y, fit, out=fit)
