@@ -45,23 +45,55 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_code(outcomes: list) -> int:
+    """130 after Ctrl-C or SIGTERM, 1 when a round failed, else 0."""
+    if any(o.stopped not in (None, "pool") for o in outcomes):
+        return 130
+    return 1 if any(not o.success for o in outcomes) else 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from tc_assets.defs.definitions import PlatformPaths
+    from tc_assets.defs.liveness import RunGuardSettings
     from tc_assets.runner import ensure_dagster_home, parse_rounds, run_rounds
 
+    guard = RunGuardSettings(**({"pool_wait_s": args.pool_wait} if args.pool_wait else {}))
     home = ensure_dagster_home(_home() / "dagster_home")
     print(f"DAGSTER_HOME={home}")
     paths = PlatformPaths.create(args.source, args.warehouse)
     rounds = parse_rounds(args.rounds) if args.rounds else None
     log_path = _log_file("run")
     with log_path.open("w") as log:
-        outcomes = run_rounds(paths, rounds, log=log)
+        outcomes = run_rounds(paths, rounds, log=log, guard=guard)
     failed = [o for o in outcomes if not o.success]
     print(
         f"{len(outcomes) - len(failed)} of {len(outcomes)} rounds succeeded; "
         f"warehouse: {paths.warehouse}; full log: {log_path}"
     )
-    return 1 if failed else 0
+    return _exit_code(outcomes)
+
+
+def cmd_unblock(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from tc_assets.defs.liveness import free_finished_holders, reap_dead_runs, release_run
+    from tc_assets.runner import ensure_dagster_home
+
+    ensure_dagster_home(_home() / "dagster_home")
+    with dg.DagsterInstance.get() as instance:
+        for run_id in reap_dead_runs(instance):
+            print(f"run {run_id}: its process is gone; marked failed, its pool slots freed")
+        for run_id in free_finished_holders(instance):
+            print(f"run {run_id}: finished; the pool slots it still held are freed")
+        for run_id in args.run_ids:
+            if instance.get_run_by_id(run_id) is None:
+                raise ValueError(f"no run {run_id} in {instance.root_directory}")
+            changed = release_run(
+                instance, run_id, "Marked failed by `tc-platform unblock`; pool slots freed."
+            )
+            state = "marked failed and its" if changed else "already finished; its"
+            print(f"run {run_id}: {state} pool slots freed")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -86,6 +118,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     with log_path.open("w") as log:
         outcomes = run_rounds(paths, rounds, log=log)
+    if any(o.stopped for o in outcomes):
+        return _exit_code(outcomes)
     print()
     print_demo_report(paths.warehouse, rounds)
     failed = [o for o in outcomes if not o.success]
@@ -94,7 +128,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{len(outcomes) - len(failed)}/{len(outcomes)} rounds succeeded. "
         "See the runs with `make dev` (http://127.0.0.1:3000)."
     )
-    return 1 if failed else 0
+    return _exit_code(outcomes)
 
 
 def cmd_bucket_per_return(args: argparse.Namespace) -> int:
@@ -149,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--source", required=True, help="round source: a folder or s3://bucket/prefix")
     r.add_argument("--warehouse", required=True, help="DuckDB file to write")
     r.add_argument("--rounds", help="round range, e.g. 301-305 (default: every round in source)")
+    r.add_argument(
+        "--pool-wait",
+        type=float,
+        metavar="SECONDS",
+        help="give up when a step waits longer than this for the warehouse writers' pool, "
+        "naming the run that holds it (default: RunGuardSettings.pool_wait_s, 1800)",
+    )
     r.set_defaults(func=cmd_run)
 
     k = sub.add_parser(
@@ -158,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--warehouse", required=True, help="DuckDB file with resolved rounds")
     k.add_argument("--rounds", help="round range to estimate from (default: every round)")
     k.set_defaults(func=cmd_bucket_per_return)
+
+    u = sub.add_parser(
+        "unblock",
+        help="mark failed every run whose process is gone, and the runs given; free their "
+        "pool slots",
+    )
+    u.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to mark failed")
+    u.set_defaults(func=cmd_unblock)
 
     d = sub.add_parser("demo", help="generate rounds, run them, print the results")
     d.add_argument("--rounds", default=DEMO_ROUNDS, help=f"default {DEMO_ROUNDS}")

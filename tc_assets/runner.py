@@ -16,7 +16,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,9 +26,20 @@ from pathlib import Path
 from typing import TextIO
 
 import dagster as dg
+from dagster._core.errors import DagsterExecutionInterruptedError
+from dagster._core.storage.tags import MAX_RETRIES_TAG
+from dagster._core.utils import make_new_run_id
 
 from tc_assets.defs.automation.state import run_tags
 from tc_assets.defs.definitions import SCORE_ROUND_JOB, PlatformPaths, build_definitions
+from tc_assets.defs.liveness import (
+    PoolWatch,
+    RunGuardSettings,
+    free_finished_holders,
+    interrupt_thread,
+    process_tag,
+    reap_dead_runs,
+)
 from tc_assets.defs.partitions import ROUNDS_PARTITIONS_NAME
 from tc_assets.defs.resources import RoundSourceResource
 from tc_assets.io.source import SourceError
@@ -44,6 +57,70 @@ class RoundOutcome:
     seconds: float
     failures: list[tuple[str, str]] = field(default_factory=list)  # (step, message)
     skipped: list[str] = field(default_factory=list)
+    stopped: str | None = None  # why no further round ran: a signal's name, or a pool give-up
+
+
+class _Stop:
+    """Ctrl-C, SIGTERM or a pool give-up: the run in progress ends, no further round starts.
+
+    Runs execute in a worker thread, so that the signals reach these handlers in the main
+    thread rather than Dagster's (which, in the main thread, would act on them only inside a
+    step). A signal marks the run in progress canceling (so it ends CANCELED) and interrupts
+    its thread; between runs it stops the loop at once."""
+
+    def __init__(self, instance: dg.DagsterInstance) -> None:
+        self.instance = instance
+        self.run_id: str | None = None
+        self.worker: threading.Thread | None = None
+        self.reason: str | None = None
+        self.gave_up: str | None = None
+
+    def give_up(self, message: str) -> None:
+        self.gave_up = message
+
+    def handler(self, signum: int, _frame: object) -> None:
+        self.reason = signal.Signals(signum).name
+        worker = self.worker
+        if worker is None or not worker.is_alive():
+            raise DagsterExecutionInterruptedError(self.reason)
+        run = self.instance.get_run_by_id(self.run_id) if self.run_id else None
+        if run is not None and not run.is_finished:
+            self.instance.report_run_canceling(run, f"{self.reason} received: canceling the run")
+        interrupt_thread(worker.ident)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """SIGINT and SIGTERM handled as above in the block (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        saved = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in saved.items():
+                signal.signal(s, h)
+
+    def execute(self, run: Callable[[], dg.ExecuteInProcessResult]) -> dg.ExecuteInProcessResult:
+        """`run()` in a worker thread, the main thread free for the signal handlers."""
+        box: dict[str, object] = {}
+
+        def work() -> None:
+            try:
+                box["result"] = run()
+            except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread)
+                box["error"] = exc
+
+        self.worker = threading.Thread(target=work, name="tc-run")
+        self.worker.start()
+        try:
+            while self.worker.is_alive():
+                self.worker.join(0.2)
+        finally:
+            self.worker = None
+        if "error" in box:
+            raise box["error"]  # type: ignore[misc]
+        return box["result"]  # type: ignore[return-value]
 
 
 def parse_rounds(spec: str) -> list[int]:
@@ -166,13 +243,20 @@ def run_rounds(
     instance: dg.DagsterInstance | None = None,
     echo: Callable[[str], None] = print,
     log: TextIO | None = None,
+    guard: RunGuardSettings | None = None,
 ) -> list[RoundOutcome]:
     """Add the rounds' partitions and run the score_round job for each, in order.
 
     Every round runs even if an earlier one failed; the outcomes say which failed and why.
     Progress goes to `echo`; with `log`, stdout and stderr of the runs (Dagster's debug log,
     dbt's output) are written there instead of the terminal.
+
+    Before each round, runs whose process is gone are marked failed and their pool slots freed.
+    A step waiting for the writers' pool says so and gives up after `guard.pool_wait_s`.
+    Ctrl-C or SIGTERM cancels the run in progress and starts no further round; so does a
+    give-up (the last outcome's `stopped` says why).
     """
+    guard = guard or RunGuardSettings()
     out = sys.stdout
 
     def say(line: str) -> None:  # to the terminal even while the run's output is captured
@@ -194,52 +278,121 @@ def run_rounds(
     new = [k for k in keys if k not in existing]
     if new:
         instance.add_dynamic_partitions(ROUNDS_PARTITIONS_NAME, new)
-    outcomes = []
-    for key in keys:
-        echo(f"round {key}: running {SCORE_ROUND_JOB} ...")
-        start = time.perf_counter()
-        tags = {"source": "cli"}
-        # What the run reads, so that the daemon's changes sensor does not score it again; a
-        # file that cannot be read is the run's to report.
-        with contextlib.suppress(SourceError):
-            tags |= run_tags(source, int(key))
-        with _captured(log):
-            result = job.execute_in_process(
+    outcomes: list[RoundOutcome] = []
+    stop = _Stop(instance)
+    with stop.installed():
+        for key in keys:
+            if stop.reason or stop.gave_up:
+                break
+            try:
+                outcomes.append(
+                    _run_round(job, key, instance, source, run_config, stop, guard, say, echo, log)
+                )
+            except DagsterExecutionInterruptedError:  # a signal between two runs
+                break
+    if stop.reason or stop.gave_up:
+        left = keys[len(outcomes) :]
+        why = f"{stop.reason} received" if stop.reason else "gave up waiting for the pool"
+        if outcomes:
+            outcomes[-1].stopped = stop.reason or "pool"
+        echo(f"stopped ({why}); rounds not started: {', '.join(left) or 'none'}")
+    return outcomes
+
+
+def _run_round(
+    job: dg.JobDefinition,
+    key: str,
+    instance: dg.DagsterInstance,
+    source,
+    run_config: dict,
+    stop: _Stop,
+    guard: RunGuardSettings,
+    say: Callable[[str], None],
+    echo: Callable[[str], None],
+    log: TextIO | None,
+) -> RoundOutcome:
+    """One round's run, watched (pool waits, signals); its outcome, echoed."""
+    for run_id in reap_dead_runs(instance):
+        echo(f"run {run_id}: its process is gone; marked failed, its pool slots freed")
+    for run_id in free_finished_holders(instance):
+        echo(f"run {run_id}: finished; the pool slots it still held are freed")
+    echo(f"round {key}: running {SCORE_ROUND_JOB} ...")
+    start = time.perf_counter()
+    # A run started here is run again from here: the daemon's run retries leave it alone.
+    tags = {"source": "cli", MAX_RETRIES_TAG: "0", **process_tag()}
+    # What the run reads, so that the daemon's changes sensor does not score it again; a
+    # file that cannot be read is the run's to report.
+    with contextlib.suppress(SourceError):
+        tags |= run_tags(source, int(key))
+    run_id = make_new_run_id()
+    stop.run_id = run_id
+
+    def execute() -> dg.ExecuteInProcessResult:
+        with PoolWatch(
+            instance,
+            run_id,
+            lambda m: say(f"  {m}"),
+            stop.give_up,
+            guard,
+            run_thread=threading.get_ident(),
+        ):
+            return job.execute_in_process(
                 run_config=run_config,
                 instance=instance,
                 partition_key=key,
                 raise_on_error=False,
                 tags=tags,
+                run_id=run_id,
             )
-        checks = _failed_checks(result)
-        outcome = RoundOutcome(
+
+    with _captured(log):
+        try:
+            result = stop.execute(execute)
+        except DagsterExecutionInterruptedError:
+            result = None  # interrupted before Dagster's own handling began
+    stop.run_id = None
+    if result is None:
+        return RoundOutcome(
             round=int(key),
-            success=result.success,
-            run_id=result.run_id,
+            success=False,
+            run_id=run_id,
             seconds=time.perf_counter() - start,
-            failures=[
-                (e.step_key or "?", checks.get(e.step_key or "?") or _error_message(e))
-                for e in result.all_events
-                if e.event_type == dg.DagsterEventType.STEP_FAILURE
-            ],
-            skipped=[
-                e.step_key or "?"
-                for e in result.all_events
-                if e.event_type == dg.DagsterEventType.STEP_SKIPPED
-            ],
+            failures=[("?", stop.gave_up or f"{stop.reason}: canceled")],
         )
-        if outcome.success:
-            note = (
-                f", skipped (awaiting resolution): {', '.join(outcome.skipped)}"
-                if outcome.skipped
-                else ""
-            )
-            echo(f"round {key}: ok in {outcome.seconds:.1f}s{note}")
-        else:
-            failed = ", ".join(step for step, _ in outcome.failures)
-            echo(
-                f"round {key}: FAILED in {outcome.seconds:.1f}s (run {result.run_id}) at {failed}"
-                + (f"; not run: {', '.join(outcome.skipped)}" if outcome.skipped else "")
-            )
-        outcomes.append(outcome)
-    return outcomes
+    checks = _failed_checks(result)
+    outcome = RoundOutcome(
+        round=int(key),
+        success=result.success,
+        run_id=result.run_id,
+        seconds=time.perf_counter() - start,
+        failures=[
+            (e.step_key or "?", checks.get(e.step_key or "?") or _error_message(e))
+            for e in result.all_events
+            if e.event_type == dg.DagsterEventType.STEP_FAILURE
+        ],
+        skipped=[
+            e.step_key or "?"
+            for e in result.all_events
+            if e.event_type == dg.DagsterEventType.STEP_SKIPPED
+        ],
+    )
+    if stop.gave_up:
+        outcome.failures = [(step, stop.gave_up) for step, _ in outcome.failures] or [
+            ("?", stop.gave_up)
+        ]
+    if outcome.success:
+        note = (
+            f", skipped (awaiting resolution): {', '.join(outcome.skipped)}"
+            if outcome.skipped
+            else ""
+        )
+        echo(f"round {key}: ok in {outcome.seconds:.1f}s{note}")
+    elif stop.reason:
+        echo(f"round {key}: canceled ({stop.reason}) after {outcome.seconds:.1f}s (run {run_id})")
+    else:
+        failed = ", ".join(step for step, _ in outcome.failures)
+        echo(
+            f"round {key}: FAILED in {outcome.seconds:.1f}s (run {result.run_id}) at {failed}"
+            + (f"; not run: {', '.join(outcome.skipped)}" if outcome.skipped else "")
+        )
+    return outcome

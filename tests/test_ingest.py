@@ -263,3 +263,76 @@ def test_return_is_optional_in_resolved_parquet():
         c.validate_resolved(both.assign(**{"return": [0.1, None, 0.2]}), ids)
     with pytest.raises(c.RoundInputError, match=r"missing column\(s\) \['target'\]"):
         c.validate_resolved(both.drop(columns="target"), ids)
+
+
+def _repeat_column(path, header: list[str]) -> None:
+    """Rewrite a .csv or .parquet file with `header` (a repeated name in it) over its columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".csv":
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = df[[df.columns[0], *df.columns[: len(header) - 1]]]
+        df.columns = header
+        df.to_csv(path, index=False)
+    else:
+        table = pq.read_table(path)
+        cols = [table.column(0), *[table.column(i) for i in range(len(header) - 1)]]
+        pq.write_table(pa.table(cols, names=header), path)
+
+
+def test_a_submission_with_a_repeated_column_is_rejected_and_the_round_scores(
+    fresh_source, tmp_path, instance
+):
+    rnd = fresh_source / "rounds/1"
+    accepted = ingest_round(LocalRoundSource(fresh_source), 1).predictions.columns[:3]
+    targets = {
+        accepted[0]: ["id", "prediction", "prediction"],
+        accepted[1]: ["id", "id", "prediction"],
+    }
+    for model_id, header in targets.items():
+        path = next((rnd / "predictions").glob(f"{model_id}.*"))
+        _repeat_column(path, header)
+    # The same header in a parquet file.
+    path = rnd / "predictions" / f"{accepted[2]}.parquet"
+    pd.read_csv(
+        next((rnd / "predictions").glob(f"{accepted[2]}.csv")), dtype={"id": str}
+    ).to_parquet(path)
+    next((rnd / "predictions").glob(f"{accepted[2]}.csv")).unlink()
+    _repeat_column(path, ["id", "prediction", "prediction"])
+
+    defs, paths = platform(fresh_source, tmp_path)
+    result = run_job(defs, instance, 1)
+    assert result.success
+    rejected = (
+        Warehouse(paths.warehouse).read_round("submission_rejections", 1).set_index("model_id")
+    )
+    for model_id in accepted[:3]:
+        assert rejected.loc[model_id, "rule"] == c.Rule.DUPLICATE_COLUMNS
+        assert "appear more than once in the header" in rejected.loc[model_id, "reason"]
+    assert "'prediction'" in rejected.loc[accepted[0], "reason"]
+    assert "'id'" in rejected.loc[accepted[1], "reason"]
+
+
+@pytest.mark.parametrize(
+    "name", ["stakes.csv", "resolved.parquet", "market.parquet", "live.parquet"]
+)
+def test_a_required_file_with_a_repeated_column_fails_the_round_at_once(
+    fresh_source, tmp_path, instance, name
+):
+    path = fresh_source / "rounds/1" / name
+    if name == "market.parquet" and not path.exists():
+        pytest.skip("the generator wrote no market.parquet")
+    first = pd.read_parquet(path).columns[0] if path.suffix == ".parquet" else "model_id"
+    header = [first, first, *([] if name != "stakes.csv" else [])]
+    _repeat_column(path, header)
+    defs, _ = platform(fresh_source, tmp_path)
+    result = run_job(defs, instance, 1, INGEST_ROUND_JOB)
+    assert not result.success
+    failures = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    retries = [
+        e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY
+    ]
+    assert len(failures) == 1 and not retries  # on the first try, no retry
+    message = failures[0].event_specific_data.error.message
+    assert f"{name}: column(s) ['{first}'] appear more than once in the header" in message

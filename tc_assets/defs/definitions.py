@@ -30,6 +30,7 @@ from tc_assets.defs import (
 )
 from tc_assets.defs.automation import AutomationSettings
 from tc_assets.defs.jobs import INGEST_ROUND_JOB, SCORE_ROUND_JOB
+from tc_assets.defs.liveness import dead_runs_sensor, guarded_in_process_executor
 from tc_assets.defs.resources import RoundSourceResource, WarehouseResource, value_storage
 
 __all__ = [
@@ -94,12 +95,16 @@ def build_definitions(
     `loggers` replaces Dagster's default console logger (the command line adds its compact
     progress logger this way); the UI and the daemon use the default. The automation's
     settings default to the TC_* environment variables. Runs execute in process (one process
-    per run: far less start-up on a small machine); the warehouse pool is honoured all the same.
+    per run: far less start-up on a small machine); the warehouse pool is honoured all the same,
+    and a step's wait for it is reported and bounded (liveness.py); the dead-runs sensor fails
+    runs whose process is gone and frees their slots.
     """
+    settings = automation_settings or AutomationSettings.from_env()
     areas = area_definitions()
     round_keys = [key for asset in areas.assets or [] for key in asset.keys]
     shared = dg.Definitions(
-        executor=dg.in_process_executor,
+        executor=guarded_in_process_executor,
+        sensors=[dead_runs_sensor(settings.dead_runs_interval_s)],
         loggers=dict(loggers) if loggers else None,
         resources={
             "round_source": RoundSourceResource.for_uri(paths.source),
@@ -108,7 +113,7 @@ def build_definitions(
         },
     )
     return dg.Definitions.merge(
-        areas, jobs.defs, automation.build_defs(round_keys, automation_settings), shared
+        areas, jobs.defs, automation.build_defs(round_keys, settings), shared
     )
 
 

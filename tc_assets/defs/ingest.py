@@ -11,6 +11,7 @@ behind them fails the run), the share of rejected files and the coverage of reso
 """
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import dagster as dg
 import pandas as pd
@@ -34,15 +35,38 @@ from tc_assets.io.ingest import (
     resolved_table,
     warehouse_tables,
 )
+from tc_assets.io.source import SourceError, SourceUnavailable
+from tc_assets.io.warehouse import WarehouseError, WarehouseLocked
 
 GROUP = "ingestion"
 KINDS = {"pandas", "duckdb"}
 # A round source that cannot be reached (SourceUnavailable: S3 throttling or a server error past
-# the client's own retries, a broken connection) fails the step, which Dagster runs again after
-# 30 s, 60 s and 120 s. A bad input is a dagster.Failure without retries: retrying cannot help.
+# the client's own retries, a broken connection) or a warehouse still locked after its wait
+# (WarehouseLocked) fails the step, which Dagster runs again after 30 s, 60 s and 120 s.
+# Anything else (a bad input, a source or warehouse setting, a bug) is a dagster.Failure
+# without retries, with its own message: retrying cannot help (`only_transient_retried`).
 SOURCE_RETRY = dg.RetryPolicy(
     max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
 )
+TRANSIENT = (SourceUnavailable, WarehouseLocked)
+
+
+@contextmanager
+def only_transient_retried(r: int, **metadata: object) -> Iterator[None]:
+    """Let a transient fault through for the step's retry policy; turn any other error into a
+    Failure that is not retried and whose description is the error's own message."""
+    try:
+        yield
+    except (*TRANSIENT, dg.Failure):
+        raise
+    except Exception as exc:
+        known = isinstance(exc, RoundInputError | SourceError | WarehouseError)
+        message = str(exc) if known else f"{type(exc).__name__}: {exc}"
+        if not message.startswith(f"round {r}"):
+            message = f"round {r}: {message}"
+        raise round_failure(r, message, **metadata) from exc
+
+
 PROGRESS_MIN_FILES = 200  # rounds with at least this many submission files log read progress
 
 OUTPUTS = {
@@ -74,14 +98,14 @@ def round_inputs(
 ) -> Iterator[dg.Output]:
     """Read and validate every input of the round available at close, then write it at once."""
     r = round_of(context)
-    source = round_source.open()
 
     def progress(kind: str, done: int, total: int) -> None:
         if total >= PROGRESS_MIN_FILES:  # a small round reads in a blink: one line at the end
             context.log.info(f"round {r}: read {done}/{total} {kind} files")
 
-    with timer() as t_read:
-        try:
+    with only_transient_retried(r, source=round_source.uri):
+        source = round_source.open()
+        with timer() as t_read:
             inputs = ingest_round(
                 source,
                 r,
@@ -90,10 +114,8 @@ def round_inputs(
                 progress=progress,
                 workers=config.read_workers,
             )
-        except RoundInputError as exc:
-            raise round_failure(r, exc, source=source.uri) from exc
-    with timer() as t_write:
-        counts = warehouse.get().write_round(r, warehouse_tables(inputs, source.uri))
+        with timer() as t_write:
+            counts = warehouse.get().write_round(r, warehouse_tables(inputs, source.uri))
     context.log.info(
         f"round {r}: {inputs.predictions.shape[1]} prediction and {inputs.portfolios.shape[1]} "
         f"portfolio submissions accepted, {len(inputs.rejections)} rejected "
@@ -186,18 +208,16 @@ def resolved(
     the resolution sensor materializes them when the file appears.
     """
     r = round_of(context)
-    source = round_source.open()
-    try:
+    with only_transient_retried(r, source=round_source.uri):
+        source = round_source.open()
         frame = load_resolved(source, r, universe.index)
-    except RoundInputError as exc:
-        raise round_failure(r, exc) from exc
     if frame is None:
         context.log.info(
             f"round {r} is awaiting resolution: {source.uri}/rounds/{r}/resolved.parquet has not "
             "arrived; target-dependent assets are skipped until it does."
         )
         return
-    with timer() as t:
+    with timer() as t, only_transient_retried(r):
         counts = warehouse.get().write_round(r, {"resolved": resolved_table(frame)})
     if RETURN_COLUMN not in frame.columns:
         context.log.info(

@@ -17,6 +17,7 @@ Analysts own the SQL (staging views, the marts `round_leaderboard`, `model_reput
   never meets a Python writer.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -129,11 +130,44 @@ def load_manifest(project: DbtProject) -> Path:
 def dbt_executable() -> str:
     """The dbt installed beside this interpreter (the venv's, activated or not), else PATH's."""
     local = Path(sys.executable).parent / "dbt"
-    return str(local) if local.exists() else "dbt"
+    return str(local) if local.exists() else (shutil.which("dbt") or "dbt")
+
+
+_GUARD = """#!{python}
+# Runs dbt so that it dies with the process that started it: a run killed with SIGKILL
+# leaves no dbt behind writing the warehouse (Linux PR_SET_PDEATHSIG, kept across exec).
+import ctypes, os, signal, sys
+parent = os.getppid()
+ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+if os.getppid() != parent:
+    sys.exit("dbt not started: the process that launched it has already exited")
+os.execv({dbt!r}, [{dbt!r}, *sys.argv[1:]])
+"""
+
+
+def guarded_dbt_executable(dbt: str) -> str:
+    """`dbt` wrapped so that it dies with its parent (Linux); `dbt` itself elsewhere.
+
+    The wrapper is a small script written once per interpreter and dbt under the temp folder
+    (dagster-dbt takes an executable path, not a function to run before exec)."""
+    if not sys.platform.startswith("linux") or shutil.which(dbt) is None:
+        return dbt
+    text = _GUARD.format(python=sys.executable, dbt=shutil.which(dbt))
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"tc-platform-{os.getuid()}" / f"dbt-{digest}"
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        tmp.replace(path)  # atomic: a concurrent import sees the whole file or none
+    return str(path)
 
 
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
-dbt_cli = DbtCliResource(project_dir=dbt_project, dbt_executable=dbt_executable())
+dbt_cli = DbtCliResource(
+    project_dir=dbt_project, dbt_executable=guarded_dbt_executable(dbt_executable())
+)
 
 
 @contextmanager

@@ -48,6 +48,7 @@ class Rule:
     NOT_DOLLAR_NEUTRAL = "not_dollar_neutral"
     LONGS_NOT_ONE = "longs_not_one"
     DUPLICATE_SUBMISSION = "duplicate_submission"
+    DUPLICATE_COLUMNS = "duplicate_columns"
 
 
 class RoundInputError(ValueError):
@@ -80,10 +81,33 @@ def _examples(ids: pd.Index, limit: int = 3) -> str:
     return shown + (", ..." if len(ids) > limit else "")
 
 
+def repeated_columns(df: pd.DataFrame) -> list[str]:
+    """Column names that appear more than once in a file's header."""
+    return sorted({str(c) for c in df.columns[df.columns.duplicated()]})
+
+
+def require_unique_columns(df: pd.DataFrame, file: str) -> None:
+    """A required file with a repeated column name fails the round (which column is meant?)."""
+    repeated = repeated_columns(df)
+    if repeated:
+        raise RoundInputError(f"{file}: column(s) {repeated} appear more than once in the header")
+
+
 def _prepare(
     df: pd.DataFrame, value_column: str, live_ids: pd.Index
 ) -> tuple[pd.Series | None, Rejection | None, int]:
-    """Shared id rules: columns present, ids unique, values finite; drop ids not in the round."""
+    """Shared id rules: columns present once each, ids unique, values finite; drop ids not in
+    the round."""
+    repeated = repeated_columns(df)
+    if repeated:
+        return (
+            None,
+            Rejection(
+                Rule.DUPLICATE_COLUMNS,
+                f"column(s) {repeated} appear more than once in the header",
+            ),
+            0,
+        )
     missing = [c for c in ("id", value_column) if c not in df.columns]
     if missing:
         return (
@@ -200,6 +224,7 @@ def validate_stakes(
     Returns the stakes indexed by model_id, float columns. Multiplier elections are checked
     against the allowed sets when given (payout rules), else only for finite and >= 0.
     """
+    require_unique_columns(df, STAKES_FILE)
     missing = [c for c in STAKE_COLUMNS if c not in df.columns]
     if missing:
         raise RoundInputError(f"{STAKES_FILE}: missing column(s) {missing}")
@@ -243,6 +268,7 @@ def validate_stakes(
 
 def validate_live(df: pd.DataFrame, all_features: list[str]) -> pd.DataFrame:
     """live.parquet: unique string ids, an era, every feature of `all` with values in range."""
+    require_unique_columns(df, LIVE_FILE)
     missing = [c for c in ["id", "era", *all_features] if c not in df.columns]
     if missing:
         raise RoundInputError(
@@ -292,6 +318,7 @@ def validate_market(df: pd.DataFrame, live_ids: pd.Index) -> pd.Series:
 def validate_resolved(df: pd.DataFrame, live_ids: pd.Index) -> pd.DataFrame:
     """resolved.parquet: id, target in the five buckets, and optionally a finite return;
     indexed by id. The result has a `return` column only when the file has one."""
+    require_unique_columns(df, RESOLVED_FILE)
     missing = [c for c in ("id", "target") if c not in df.columns]
     if missing:
         raise RoundInputError(f"{RESOLVED_FILE}: missing column(s) {missing}")

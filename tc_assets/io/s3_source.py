@@ -80,6 +80,7 @@ class S3RoundSource(RoundSource):
     def read_bytes(self, rel: str) -> bytes:
         """The object's content; a body stream that breaks off is read again (with backoff)."""
         from botocore.exceptions import (
+            BotoCoreError,
             ClientError,
             ConnectionError,
             HTTPClientError,
@@ -99,6 +100,8 @@ class S3RoundSource(RoundSource):
                         f"{self.uri}/{rel}: {exc} (after {self.read_attempts} attempts)"
                     ) from exc
                 time.sleep(self.retry_delay_s * 2**attempt)
+            except BotoCoreError as exc:  # no credentials, a bad setting
+                raise _botocore_error(f"{self.uri}/{rel}", exc) from exc
         raise AssertionError("unreachable")
 
     def exists(self, rel: str) -> bool:
@@ -176,11 +179,28 @@ class S3RoundSource(RoundSource):
         return stamp
 
 
+# What to fix when S3 refuses for a reason of the deployment's settings, not of the file.
+CREDENTIALS_HINT = (
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or give the process a role) "
+    "in the environment of the command or the Dagster code location"
+)
+SETTING_HINTS = {
+    "NoSuchBucket": "the bucket does not exist: check the source URI (--source or TC_SOURCE) "
+    f"and the endpoint ({ENDPOINT_ENV})",
+    "AccessDenied": f"access denied: {CREDENTIALS_HINT}, for credentials allowed to read it",
+    "InvalidAccessKeyId": f"the access key is not known: {CREDENTIALS_HINT}",
+    "SignatureDoesNotMatch": f"the secret key does not match the access key: {CREDENTIALS_HINT}",
+}
+
+
 def _client_error(where: str, exc: Any) -> SourceError:
-    """A botocore ClientError as a SourceError: SourceUnavailable when S3 says 'later'."""
+    """A botocore ClientError as a SourceError: SourceUnavailable when S3 says 'later'; a
+    refusal caused by the settings (bucket, credentials) names the setting to fix."""
     error = exc.response.get("Error", {})
     code = str(error.get("Code", ""))
     status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+    if code in SETTING_HINTS:
+        return SourceError(f"{where}: {code}: {SETTING_HINTS[code]}")
     kind = SourceUnavailable if code in TRANSIENT_CODES or status.startswith("5") else SourceError
     return kind(f"{where}: {code or exc}")
 
@@ -190,7 +210,7 @@ def _botocore_error(where: str, exc: Exception) -> SourceError:
     SourceUnavailable; a client-side problem (no credentials, a bad setting) is not."""
     from botocore.exceptions import ConnectionError, HTTPClientError, NoCredentialsError
 
-    transient = isinstance(exc, ConnectionError | HTTPClientError)
     if isinstance(exc, NoCredentialsError):
-        transient = False
+        return SourceError(f"{where}: no AWS credentials found: {CREDENTIALS_HINT}")
+    transient = isinstance(exc, ConnectionError | HTTPClientError)
     return (SourceUnavailable if transient else SourceError)(f"{where}: {exc}")

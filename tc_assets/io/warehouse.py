@@ -28,6 +28,19 @@ class WarehouseError(RuntimeError):
     """A write or read of the warehouse failed; the message names the table and partition."""
 
 
+class WarehouseLocked(WarehouseError):
+    """Another process held the file's lock for longer than the wait: worth trying later."""
+
+
+def lock_wait_message(path: str | Path, waited_s: float, detail: str) -> str:
+    """What a connection that gave up waiting for the file's lock says (Python steps and dbt)."""
+    return (
+        f"warehouse {path} stayed locked by another process for {waited_s:.0f}s "
+        f"(WarehouseResource.lock_timeout_s); close other connections to it (a notebook, a "
+        f"DuckDB shell) or raise the wait. DuckDB said: {detail}"
+    )
+
+
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -47,17 +60,22 @@ class Warehouse:
         if read_only and not self.path.exists():
             raise WarehouseError(f"warehouse {self.path} does not exist yet (nothing written)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + self.lock_timeout_s
+        start = time.monotonic()
         delay = 0.05
         while True:
             try:
                 con = duckdb.connect(str(self.path), read_only=read_only)
                 break
             except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                waited = time.monotonic() - start
+                if "lock" not in str(exc).lower():
                     raise WarehouseError(f"cannot open {self.path}: {exc}") from exc
+                if waited > self.lock_timeout_s:
+                    raise WarehouseLocked(lock_wait_message(self.path, waited, str(exc))) from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+            except duckdb.Error as exc:  # not a DuckDB file, a newer format, ...
+                raise WarehouseError(f"cannot open {self.path}: {exc}") from exc
         try:
             yield con
         finally:

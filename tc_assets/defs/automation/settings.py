@@ -33,6 +33,12 @@ class AutomationSettings(BaseModel, frozen=True):
     round_changes_interval_s: int = Field(
         60, ge=1, description="Seconds between two looks of the round-changes sensor."
     )
+    dead_runs_interval_s: int = Field(
+        30,
+        ge=1,
+        description="Seconds between two looks of the dead-runs sensor, which fails runs whose "
+        "process is gone and frees their pool slots.",
+    )
     score_delay_s: float = Field(
         600.0,
         ge=0,

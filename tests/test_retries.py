@@ -1,0 +1,57 @@
+"""Only transient faults are retried: anything else fails the step at once with its own message."""
+
+import time
+
+import boto3
+import dagster as dg
+import pytest
+
+from tc_assets.defs.definitions import PlatformPaths
+from tc_assets.io.contract import RoundInputError
+from tc_assets.io.ingest import ingest_round
+from tc_assets.io.s3_source import S3RoundSource
+from tc_assets.io.source import SourceError, SourceUnavailable
+from tc_assets.runner import run_rounds
+from tests.s3server import ISOLATION, client, moto_s3
+
+
+def test_a_warehouse_path_that_is_not_duckdb_fails_at_once_with_its_message(
+    small_source, tmp_path, instance
+):
+    warehouse = tmp_path / "wh.duckdb"
+    warehouse.write_text("this is not a DuckDB file\n")
+    paths = PlatformPaths.create(str(small_source), str(warehouse))
+    lines: list[str] = []
+    start = time.monotonic()
+    (outcome,) = run_rounds(paths, [1], instance=instance, echo=lines.append)
+    seconds = time.monotonic() - start
+    assert not outcome.success
+    step, message = outcome.failures[0]
+    assert step == "round_inputs"
+    assert "not a valid DuckDB database file" in message and str(warehouse) in message
+    assert "max_retries" not in "\n".join(lines)
+    events = instance.all_logs(outcome.run_id)
+    assert not [e for e in events if e.dagster_event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
+    assert seconds < 120  # no retry delays (30 s and more each)
+
+
+def test_s3_settings_errors_are_clear_and_not_retried(monkeypatch):
+    with moto_s3() as endpoint:
+        s3 = client(endpoint)
+        s3.create_bucket(Bucket="tournament")
+        s3.put_object(Bucket="tournament", Key="live/features.json", Body=b"{}")
+        for name, value in ISOLATION.items():
+            monkeypatch.setenv(name, value)
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+            monkeypatch.delenv(name, raising=False)
+        anonymous = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        with pytest.raises(SourceError, match="no AWS credentials found.*AWS_ACCESS_KEY_ID") as e:
+            S3RoundSource(anonymous, "tournament", "live").read_bytes("features.json")
+        assert not isinstance(e.value, SourceUnavailable)  # not a fault that retrying cures
+
+        missing = S3RoundSource(s3, "no-such-bucket", "live")
+        with pytest.raises(SourceError, match="NoSuchBucket: .*TC_SOURCE") as e:
+            missing.read_bytes("features.json")
+        assert not isinstance(e.value, SourceUnavailable)
+        with pytest.raises(RoundInputError, match="round 1: .*NoSuchBucket"):
+            ingest_round(missing, 1)
