@@ -269,10 +269,18 @@ def run_rounds(
     run_config = {"loggers": {"progress": {}, "console": {"config": {"log_level": "DEBUG"}}}}
     instance = instance or dg.DagsterInstance.get()
     source = RoundSourceResource.for_uri(paths.source).open()
+    if not paths.source.startswith("s3://") and not Path(paths.source).is_dir():
+        raise ValueError(f"source {paths.source} is not a folder")
+    available = source.round_numbers()
     if rounds is None:
-        rounds = source.round_numbers()
+        rounds = available
         if not rounds:
             raise ValueError(f"no rounds found under {paths.source}/rounds/")
+    missing = sorted(set(rounds) - set(available))
+    if missing:  # checked before any partition is added: no partition for a round that is not
+        raise ValueError(
+            f"round(s) {', '.join(map(str, missing))} not found under {paths.source}/rounds/"
+        )
     keys = [str(r) for r in rounds]
     existing = set(instance.get_dynamic_partitions(ROUNDS_PARTITIONS_NAME))
     new = [k for k in keys if k not in existing]

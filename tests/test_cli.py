@@ -79,7 +79,7 @@ def test_run_reports_a_missing_source_clearly(tmp_path):
         env=env,
     )
     assert run.returncode == 2
-    assert "no rounds found" in run.stderr
+    assert "nope is not a folder" in run.stderr
 
 
 def test_bucket_per_return_is_estimated_from_the_warehouse_history(tmp_path, capsys):
@@ -112,3 +112,23 @@ def test_bucket_per_return_is_estimated_from_the_warehouse_history(tmp_path, cap
     assert "over 1 round(s)" in capsys.readouterr().out
     assert main(["bucket-per-return", "--warehouse", str(tmp_path / "none.duckdb")]) == 2
     assert "no warehouse at" in capsys.readouterr().err
+
+
+def test_a_missing_source_or_round_is_a_usage_error_that_adds_no_partition(
+    small_source, tmp_path, monkeypatch
+):
+    import dagster as dg
+
+    from tc_assets.cli import main
+    from tc_assets.defs.partitions import ROUNDS_PARTITIONS_NAME
+
+    home = tmp_path / "dagster_home"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("TC_HOME", str(tmp_path / "tc"))
+    wh = str(tmp_path / "wh.duckdb")
+    nowhere = str(tmp_path / "nowhere")
+    assert main(["run", "--source", nowhere, "--warehouse", wh]) == 2
+    assert main(["run", "--source", nowhere, "--warehouse", wh, "--rounds", "1"]) == 2
+    assert main(["run", "--source", str(small_source), "--warehouse", wh, "--rounds", "7"]) == 2
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_dynamic_partitions(ROUNDS_PARTITIONS_NAME) == []

@@ -391,3 +391,65 @@ def test_sources_are_fresh(scored, tmp_path):
     proc, status = dbt(wh, "source", "freshness")
     assert proc.returncode == 0, proc.stdout
     assert status == {"source.tc_metrics.warehouse.rounds": "pass"}
+
+
+def test_a_submission_without_a_stake_row_is_scored_and_the_marts_pass(
+    fresh_source, tmp_path, instance
+):
+    """No stake row: scored as stake 0 (TC, metrics, reputation), no payout row, counted in
+    payout_summary; every dbt test passes."""
+    stakes_file = fresh_source / "rounds/1/stakes.csv"
+    stakes = pd.read_csv(stakes_file, dtype={"model_id": str}, keep_default_na=False)
+    accepted = {p.stem for p in (fresh_source / "rounds/1/predictions").iterdir()}
+    model = sorted(set(stakes["model_id"]) & accepted)[0]
+    stakes[stakes["model_id"] != model].to_csv(stakes_file, index=False)
+    defs, paths = platform(fresh_source, tmp_path)
+    result = run_job(defs, instance, 1)
+    assert result.success, [
+        e.message for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE
+    ]
+    failed = [
+        e.event_specific_data.check_name
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+        and not e.event_specific_data.passed
+    ]
+    assert not failed
+    wh = paths.warehouse
+    rep = read(wh, f"select * from reporting.model_reputation where model_id = '{model}'")
+    assert len(rep) == 1 and rep["tc_rounds"].iloc[0] == 1 and np.isfinite(rep["tc_mean"].iloc[0])
+    assert read(wh, f"select * from payouts where model_id = '{model}'").empty
+    summary = read(wh, "select submitted_without_stake_row from payout_summary where round = 1")
+    assert summary.iloc[0, 0] >= 1
+
+
+def test_a_failed_dbt_test_says_which_and_shows_its_rows(scored, tmp_path):
+    _, paths, _, _ = scored
+    defs, copy = platform(paths.source, tmp_path)
+    Path(copy.warehouse).parent.mkdir(parents=True)
+    shutil.copy(paths.warehouse, copy.warehouse)
+    with duckdb.connect(copy.warehouse) as con:
+        con.execute(
+            "update payouts set payout = 2 * stake * (select clip from rounds where round = 2) "
+            "where round = 2 and stake > 0"
+        )
+    dbt_keys = [k for k in defs.resolve_all_asset_keys() if k.path[0] in ("reporting", "staging")]
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("rounds", ["2"])
+        result = defs.resolve_job_def(SCORE_ROUND_JOB).execute_in_process(
+            instance=instance, partition_key="2", asset_selection=dbt_keys, raise_on_error=False
+        )
+    assert not result.success
+    checks = [
+        e.event_specific_data
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+        and not e.event_specific_data.passed
+    ]
+    (payout,) = [c for c in checks if c.check_name.startswith("accepted_range_round_leaderboard")]
+    text = payout.description
+    assert text.startswith("dbt test accepted_range_round_leaderboard_payout")
+    assert "failing row(s)" in text and "first rows:" in text and "payout" in text
+    failures = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    for message in [text, *(f.event_specific_data.error.message for f in failures)]:
+        assert "\x1b[" not in message  # no colour escape codes

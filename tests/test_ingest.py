@@ -54,7 +54,9 @@ def test_every_rejection_rule_gives_its_reason_and_valid_submissions_are_kept(
     bad = truth[(truth["expected_rule"] != "") & (truth["expected_rule"] != "foreign_ids_dropped")]
     got = {(r.model_id, r.rule) for r in rejections.itertuples()}
     for row in bad.itertuples():
-        model_id = row.model_id if row.expected_rule != c.Rule.INVALID_MODEL_ID else "bad model!"
+        model_id = (
+            row.model_id if row.expected_rule != c.Rule.INVALID_MODEL_ID else repr("bad model!")
+        )
         assert (model_id, row.expected_rule) in got, f"{row.model_id}: {row.expected_rule} missing"
     assert len(rejections) == len(bad)  # nothing valid was rejected
     assert rejections["reason"].str.len().min() > 10  # a specific, readable reason
@@ -197,6 +199,14 @@ def _edit_round_json(root, **changes) -> None:
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
+        (lambda root: _edit_round_json(root, round=True), "round must be an integer, got True"),
+        (lambda root: _edit_round_json(root, round=1.0), "round must be an integer, got 1.0"),
+        (
+            lambda root: _edit_round_json(
+                root, open_time="2026-12-02T12:00:00Z", close_time="2026-12-01T13:00:00Z"
+            ),
+            "close_time '2026-12-01T13:00:00Z' is not after open_time",
+        ),
         (lambda root: (root / "rounds/1/live.parquet").unlink(), "live.parquet"),
         (
             lambda root: (root / "rounds/1/round.json").write_text('{"round": 9}'),
@@ -336,3 +346,32 @@ def test_a_required_file_with_a_repeated_column_fails_the_round_at_once(
     assert len(failures) == 1 and not retries  # on the first try, no retry
     message = failures[0].event_specific_data.error.message
     assert f"{name}: column(s) ['{first}'] appear more than once in the header" in message
+
+
+def test_submission_file_names_and_values_at_the_edges_of_the_contract(fresh_source):
+    """A 65-character name is rejected under its whole name, quoted (never colliding with the
+    accepted model named by its first 64 characters); `.CSV` is a CSV file; boolean values are
+    not predictions."""
+    folder = fresh_source / "rounds/1/predictions"
+    stakes_file = fresh_source / "rounds/1/stakes.csv"
+    stakes = pd.read_csv(stakes_file, dtype={"model_id": str}, keep_default_na=False)
+    first, second, third = ingest_round(LocalRoundSource(fresh_source), 1).predictions.columns[:3]
+    long_ok, long_bad = "m" * 64, "m" * 65
+    shutil.copy(folder / f"{first}.csv", folder / f"{long_ok}.csv")
+    shutil.copy(folder / f"{first}.csv", folder / f"{long_bad}.csv")
+    (folder / f"{second}.csv").rename(folder / f"{second}.CSV")
+    booleans = pd.read_csv(folder / f"{third}.csv", dtype={"id": str})
+    booleans["prediction"] = booleans["prediction"] > 0.5
+    booleans.to_csv(folder / f"{third}.csv", index=False)
+    extra = pd.DataFrame(
+        {"model_id": [long_ok], "stake": 1.0, "corr_multiplier": 1.0, "tc_multiplier": 1.0}
+    )
+    pd.concat([stakes, extra]).to_csv(stakes_file, index=False)
+
+    inputs = ingest_round(LocalRoundSource(fresh_source), 1)
+    rejected = inputs.rejections.set_index("model_id")
+    assert long_ok in inputs.predictions.columns and long_ok not in rejected.index
+    assert rejected.loc[repr(long_bad), "rule"] == c.Rule.INVALID_MODEL_ID
+    assert second in inputs.predictions.columns  # read from second.CSV
+    assert rejected.loc[third, "rule"] == c.Rule.UNREADABLE
+    assert "booleans" in rejected.loc[third, "reason"]

@@ -1,5 +1,6 @@
 """Only transient faults are retried: anything else fails the step at once with its own message."""
 
+import re
 import time
 
 import boto3
@@ -55,3 +56,29 @@ def test_s3_settings_errors_are_clear_and_not_retried(monkeypatch):
         assert not isinstance(e.value, SourceUnavailable)
         with pytest.raises(RoundInputError, match="round 1: .*NoSuchBucket"):
             ingest_round(missing, 1)
+
+
+def _resource_fields(resource: dg.ConfigurableResource, prefix: str) -> list[str]:
+    """Every config field of a resource, nested resources included."""
+    out = []
+    for name in type(resource).model_fields:
+        out.append(f"{prefix}.{name}")
+        value = getattr(resource, name)
+        if isinstance(value, dg.ConfigurableResource):
+            out += _resource_fields(value, f"{prefix}.{name}")
+    return out
+
+
+def test_no_credential_can_be_configured_on_a_resource():
+    """Credentials come from the environment only: no resource field could hold one (Dagster
+    would keep it in plain text in run config and the UI)."""
+    from tc_assets.defs.definitions import defs
+
+    fields = [
+        path
+        for key, resource in defs.resources.items()
+        if isinstance(resource, dg.ConfigurableResource)
+        for path in _resource_fields(resource, key)
+    ]
+    assert "round_source.s3.endpoint_url" in fields
+    assert not [p for p in fields if re.search(r"secret|access_key|session_token|password", p)]

@@ -1,7 +1,7 @@
 """The S3 round source against a real S3 server (moto's server mode on 127.0.0.1).
 
 Rounds are generated locally and uploaded with boto3; the platform reads them through the
-dagster-aws S3Resource with its endpoint and credentials from the environment.
+S3ClientResource with its endpoint and credentials from the environment.
 """
 
 import hashlib
@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from dagster_aws.s3 import S3Resource
 
 from tc_assets.defs import ingest
-from tc_assets.defs.resources import RoundSourceResource
+from tc_assets.defs.resources import RoundSourceResource, S3ClientResource
 from tc_assets.io.ingest import ingest_round
 from tc_assets.io.s3_source import S3RoundSource
 from tc_assets.io.source import LocalRoundSource, SourceError, SourceUnavailable
@@ -110,7 +109,7 @@ def test_ingestion_from_s3_writes_the_same_rows_as_from_the_folder(
 def test_credentials_come_only_from_the_environment(s3_environment, monkeypatch):
     assert _source(s3_environment).round_numbers() == [1, 2]
     resource = RoundSourceResource.for_uri(s3_environment)
-    assert resource.s3.aws_access_key_id is None and resource.s3.aws_secret_access_key is None
+    assert not {"aws_access_key_id", "aws_secret_access_key"} & set(type(resource.s3).model_fields)
     for key in CREDENTIALS:
         if key != "AWS_DEFAULT_REGION":
             monkeypatch.delenv(key)
@@ -125,7 +124,7 @@ def test_transient_errors_are_retried(endpoint, local_source, monkeypatch):
         for key, value in s3_env(proxy.endpoint).items():
             monkeypatch.setenv(key, value)
         # Two retries keep botocore's backoff (random, doubling from ~1 s) short in a test.
-        s3 = S3Resource(endpoint_url=proxy.endpoint, max_attempts=2)
+        s3 = S3ClientResource(endpoint_url=proxy.endpoint, max_attempts=2)
         source = RoundSourceResource(uri=f"s3://{BUCKET}/{PREFIX}", s3=s3).open()
         assert isinstance(source, S3RoundSource)
         source.retry_delay_s = 0.01
@@ -169,7 +168,7 @@ def test_an_unreachable_submission_fails_the_round_instead_of_rejecting_it(
     with FaultyProxy(endpoint) as proxy:
         for key, value in s3_env(proxy.endpoint).items():
             monkeypatch.setenv(key, value)
-        s3 = S3Resource(endpoint_url=proxy.endpoint, max_attempts=1)
+        s3 = S3ClientResource(endpoint_url=proxy.endpoint, max_attempts=1)
         source = RoundSourceResource(uri=f"s3://{BUCKET}/{PREFIX}", s3=s3).open()
         source.retry_delay_s = 0.01
         proxy.unavailable("/predictions/")

@@ -1,6 +1,7 @@
 """The warehouse replaces exactly one round per write, atomically, and waits for locks."""
 
 import multiprocessing as mp
+from pathlib import Path
 
 import duckdb
 import pandas as pd
@@ -155,3 +156,56 @@ def test_a_writer_waits_for_another_process_lock(tmp_path):
         release.set()
         holder.join(30)
     assert len(Warehouse(path).read_round("predictions", 1)) == 5
+
+
+def test_dbt_waits_for_the_lock_as_the_python_steps_do(small_source, tmp_path):
+    """One wait (WarehouseResource.lock_timeout_s) and one message for a warehouse held open
+    by another process, dbt's step included."""
+    import subprocess
+    import sys
+    import time
+
+    import dagster as dg
+
+    from tc_assets.defs.definitions import SCORE_ROUND_JOB
+    from tests.conftest import platform
+
+    defs, paths = platform(small_source, tmp_path)
+    Path(paths.warehouse).parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('held', flush=True);"
+            " time.sleep(120)",
+            paths.warehouse,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        dbt_keys = [k for k in defs.resolve_all_asset_keys() if k.path[0] in ("reporting",)]
+        start = time.monotonic()
+        with dg.instance_for_test() as instance:
+            instance.add_dynamic_partitions("rounds", ["1"])
+            result = defs.resolve_job_def(SCORE_ROUND_JOB).execute_in_process(
+                instance=instance,
+                partition_key="1",
+                asset_selection=dbt_keys,
+                raise_on_error=False,
+                run_config={
+                    "resources": {
+                        "warehouse": {"config": {"path": paths.warehouse, "lock_timeout_s": 2.0}}
+                    }
+                },
+            )
+        seconds = time.monotonic() - start
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    message = failure.event_specific_data.error.message
+    assert "stayed locked by another process" in message and "lock_timeout_s" in message
+    assert seconds < 60  # not dbt's own 63 s

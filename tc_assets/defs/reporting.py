@@ -44,6 +44,7 @@ from tc_assets.defs.metadata import markdown_table, scalars
 from tc_assets.defs.partitions import WAREHOUSE_POOL, round_of, rounds_partitions
 from tc_assets.defs.resources import WarehouseResource
 from tc_assets.io import queries
+from tc_assets.io.warehouse import WarehouseError
 
 GROUP = "reporting"
 DBT_PROJECT_DIR = Path(__file__).resolve().parents[2] / "dbt_metrics"
@@ -220,6 +221,40 @@ def _unique_id(event: Any) -> str | None:
     return None
 
 
+FAILING_ROWS_SHOWN = 5
+
+
+def wait_for_lock(warehouse: WarehouseResource) -> None:
+    """Wait, as the Python steps do, until no other process holds the warehouse's lock; a
+    Failure with their message when it stays locked past `lock_timeout_s`."""
+    try:
+        with warehouse.get().connect():
+            pass
+    except WarehouseError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
+
+
+def _failed_test(warehouse: WarehouseResource, invocation: Any, check: dg.AssetCheckResult) -> str:
+    """A failed dbt test in words: its name, how many rows fail it and the first of them (read
+    with the test's compiled SQL once dbt has exited)."""
+    uid = str(check.metadata["unique_id"].value) if "unique_id" in check.metadata else ""
+    count = check.metadata.get("dagster_dbt/failed_row_count")
+    name = uid.split(".")[2] if uid.count(".") >= 2 else check.check_name
+    text = f"dbt test {name} failed" + (f": {count.value} failing row(s)" if count else "")
+    results = invocation.get_artifact("run_results.json").get("results", [])
+    sql = next((r.get("compiled_code") for r in results if r.get("unique_id") == uid), None)
+    if sql:
+        try:
+            rows = warehouse.get().query(
+                f"select * from ({sql}) as failing limit {FAILING_ROWS_SHOWN}"
+            )
+        except Exception as exc:  # the rows are a courtesy: the count and name stand anyway
+            return f"{text} (failing rows not readable: {exc})"
+        if len(rows):
+            text += "; first rows:\n" + rows.to_string(index=False)
+    return text
+
+
 def _build_round(
     context: dg.AssetExecutionContext,
     config: DbtBuildConfig,
@@ -240,7 +275,11 @@ def _build_round(
     args = ["build", "--vars", json.dumps({"round": r})]
     if config.full_refresh:
         args.append("--full-refresh")
-    with _environment({WAREHOUSE_ENV: path}):
+    # The same wait for another process's lock as every Python step (lock_timeout_s, same
+    # message); dbt's own connect retries then only cover the moment between the two.
+    wait_for_lock(warehouse)
+    # No colour codes in dbt's output: it ends up in failure messages, logs and the terminal.
+    with _environment({WAREHOUSE_ENV: path, "DBT_USE_COLORS": "false"}):
         invocation = dbt.cli(args, context=context, raise_on_error=False, target_path=target)
     events = list(invocation.stream())
     error = invocation.get_error()
@@ -252,6 +291,8 @@ def _build_round(
     extra = _round_metadata(warehouse, r, built)
     for event in events:
         uid = _unique_id(event)
+        if isinstance(event, dg.AssetCheckResult) and not event.passed:
+            event = event._replace(description=_failed_test(warehouse, invocation, event))
         yield event.with_metadata({**event.metadata, **extra[uid]}) if uid in extra else event
     if error is not None:
         raise error

@@ -9,12 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 from dagster_aws.s3.io_manager import PickledObjectS3IOManager
 from pydantic import Field
 from upath import UPath
 
-from tc_assets.io.s3_source import DEFAULT_MAX_ATTEMPTS, ENDPOINT_ENV, S3RoundSource
+from tc_assets.io.s3_source import (
+    DEFAULT_MAX_ATTEMPTS,
+    ENDPOINT_ENV,
+    S3RoundSource,
+)
 from tc_assets.io.source import LocalRoundSource, RoundSource
 from tc_assets.io.warehouse import Warehouse
 
@@ -37,13 +40,37 @@ class WarehouseResource(dg.ConfigurableResource):
         return Path(self.path).expanduser().resolve().parent
 
 
-def s3_from_env() -> S3Resource:
-    """The S3 client settings: endpoint from TC_S3_ENDPOINT_URL (unset: AWS), retries in
-    botocore's standard mode. Credentials and region are never configured here: boto3 reads
-    them from the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, a role)."""
-    return S3Resource(
-        endpoint_url=os.environ.get(ENDPOINT_ENV) or None, max_attempts=DEFAULT_MAX_ATTEMPTS
+class S3ClientResource(dg.ConfigurableResource):
+    """S3 client settings with no credential field: boto3 reads credentials and region from the
+    environment only (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, a role), so no
+    secret can be typed into a run's config, where Dagster would store it in plain text."""
+
+    endpoint_url: str | None = Field(
+        default=None, description=f"An S3-compatible endpoint (unset: AWS); see {ENDPOINT_ENV}."
     )
+    max_attempts: int = Field(
+        default=DEFAULT_MAX_ATTEMPTS,
+        ge=1,
+        description="Retries per request in botocore's standard retry mode.",
+    )
+
+    def get_client(self) -> Any:
+        """A boto3 S3 client in a new session, so credentials are read from the environment
+        now (not cached by boto3's default session from an earlier client)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint_url or os.environ.get(ENDPOINT_ENV) or None,
+            config=Config(retries={"max_attempts": self.max_attempts, "mode": "standard"}),
+        )
+
+
+def s3_from_env() -> S3ClientResource:
+    """The S3 client settings: endpoint from TC_S3_ENDPOINT_URL (unset: AWS), retries in
+    botocore's standard mode; credentials from the environment only."""
+    return S3ClientResource(endpoint_url=os.environ.get(ENDPOINT_ENV) or None)
 
 
 class RoundSourceResource(dg.ConfigurableResource):
@@ -52,8 +79,8 @@ class RoundSourceResource(dg.ConfigurableResource):
     uri: str = Field(
         description="Local folder or s3://bucket/prefix holding features.json and rounds/."
     )
-    s3: S3Resource = Field(
-        description="S3 client settings (dagster-aws), used when `uri` is s3://; see s3_from_env."
+    s3: S3ClientResource = Field(
+        description="S3 client settings, used when `uri` is s3://; see s3_from_env."
     )
 
     @classmethod
@@ -135,7 +162,7 @@ class S3RoundStorage(dg.ConfigurableIOManagerFactory):
 
     s3_bucket: str = Field(description="Bucket of the values (it must exist).")
     s3_prefix: str = Field(default="", description="Key prefix inside the bucket.")
-    s3: S3Resource = Field(description="S3 client settings (dagster-aws); see s3_from_env.")
+    s3: S3ClientResource = Field(description="S3 client settings; see s3_from_env.")
 
     def create_io_manager(self, context: dg.InitResourceContext) -> PickledObjectS3IOManager:
         return _S3RoundValues(

@@ -132,6 +132,14 @@ def _prepare(
             ),
             0,
         )
+    if pd.api.types.is_bool_dtype(df[value_column]) or any(
+        isinstance(v, bool | np.bool_) for v in df[value_column].head(1000)
+    ):
+        return (
+            None,
+            Rejection(Rule.UNREADABLE, f"'{value_column}' values are booleans, not numbers"),
+            0,
+        )
     values = pd.to_numeric(df[value_column], errors="coerce").astype("float64")
     bad_text = values.isna() & df[value_column].notna()
     if bad_text.any():
@@ -357,6 +365,8 @@ def validate_round_info(info: object, round_number: int) -> dict:
     for key in ("round", "open_time", "close_time"):
         if key not in info:
             raise RoundInputError(f"{ROUND_FILE}: missing required key {key!r}")
+    if isinstance(info["round"], bool) or not isinstance(info["round"], int):
+        raise RoundInputError(f"{ROUND_FILE}: round must be an integer, got {info['round']!r}")
     if info["round"] != round_number:
         raise RoundInputError(
             f"{ROUND_FILE}: says round {info['round']!r} but lives in rounds/{round_number}/"
@@ -378,6 +388,11 @@ def validate_round_info(info: object, round_number: int) -> dict:
                 f"{ROUND_FILE}: {key} {value!r} is not an ISO 8601 time (e.g. 2026-12-01T13:00:00Z)"
             ) from exc
         out[key] = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+    if out["close_time"] <= out["open_time"]:
+        raise RoundInputError(
+            f"{ROUND_FILE}: close_time {info['close_time']!r} is not after open_time "
+            f"{info['open_time']!r}"
+        )
     payout = info.get("payout", {})
     if not isinstance(payout, dict):
         raise RoundInputError(f"{ROUND_FILE}: 'payout' must be an object, got {payout!r}")

@@ -59,20 +59,22 @@ def _submission_files(
 ) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
     """Map model_id -> file path for a submission folder; names breaking the rules are rejected.
 
-    Returns (files, rejections) with rejections as (model_id, rule, reason). A name that is not a
-    valid model id is recorded under a truncated copy of the name and never used as a path.
+    Returns (files, rejections) with rejections as (model_id, rule, reason). Suffixes match
+    case-insensitively (`.CSV` is a CSV file). A name that is not a valid model id is recorded
+    under the whole name, quoted (so it can never equal an accepted model id), and never used
+    as a path.
     """
     rel_dir = source.round_path(round_number, folder)
     files: dict[str, list[str]] = {}
     rejections: list[tuple[str, str, str]] = []
     for name in source.list_names(rel_dir):
         stem, dot, suffix = name.rpartition(".")
-        if not dot or f".{suffix}" not in c.SUBMISSION_SUFFIXES:
+        if not dot or f".{suffix.lower()}" not in c.SUBMISSION_SUFFIXES:
             continue  # not a submission file (README, .DS_Store, ...): ignored like any extra file
         if not c.is_valid_model_id(stem):
             rejections.append(
                 (
-                    stem[:64],
+                    repr(stem),
                     c.Rule.INVALID_MODEL_ID,
                     f"file name {name[:80]!r} is not a valid model id "
                     f"(allowed: {c.MODEL_ID_PATTERN.pattern})",

@@ -31,13 +31,13 @@ TRANSIENT_CODES = frozenset(
         "504",
     }
 )
-# Retries per request by botocore's retry handler (S3Resource.max_attempts; botocore makes
+# Retries per request by botocore's retry handler (S3ClientResource.max_attempts; botocore makes
 # at most this many + 1 attempts, backing off exponentially with jitter, capped at 20 s).
 DEFAULT_MAX_ATTEMPTS = 8
 
 
 class S3RoundSource(RoundSource):
-    """Rounds under `s3://bucket/prefix`; the client is built by the caller (e.g. S3Resource)."""
+    """Rounds under `s3://bucket/prefix`; the client is built by the caller (S3ClientResource)."""
 
     def __init__(
         self,

@@ -123,12 +123,13 @@ class RoundSource(ABC):
     def read_table(self, rel: str) -> pd.DataFrame:
         """A .csv or .parquet file as a DataFrame; `id` and `model_id` always read as strings."""
         data = self.read_bytes(rel)
+        suffix = rel.rsplit(".", 1)[-1].lower()
         try:
-            if rel.endswith(".parquet"):
+            if suffix == "parquet":
                 # ParquetFile.read, unlike read_table, keeps a repeated column name, which the
                 # contract then rejects with its own rule instead of a parse error.
                 table = pq.ParquetFile(io.BytesIO(data)).read()
-            elif rel.endswith(".csv"):
+            elif suffix == "csv":
                 table = pacsv.read_csv(
                     io.BytesIO(data),
                     convert_options=pacsv.ConvertOptions(
