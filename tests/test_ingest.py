@@ -191,6 +191,12 @@ def test_unresolved_round_is_reported_awaiting_resolution(
     assert error.cls_name == "Failure" and "awaiting resolution" in error.message
 
 
+def _keep_market_share(root, share: float) -> None:
+    path = root / "rounds/1/market.parquet"
+    market = pd.read_parquet(path)
+    market.iloc[: int(share * len(market))].to_parquet(path)
+
+
 def _edit_round_json(root, **changes) -> None:
     path = root / "rounds/1/round.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
@@ -199,6 +205,7 @@ def _edit_round_json(root, **changes) -> None:
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
+        (lambda root: _keep_market_share(root, 0.5), r"market.parquet: has adv_usd for \d+ of"),
         (lambda root: _edit_round_json(root, round=True), "round must be an integer, got True"),
         (lambda root: _edit_round_json(root, round=1.0), "round must be an integer, got 1.0"),
         (
@@ -375,3 +382,18 @@ def test_submission_file_names_and_values_at_the_edges_of_the_contract(fresh_sou
     assert second in inputs.predictions.columns  # read from second.CSV
     assert rejected.loc[third, "rule"] == c.Rule.UNREADABLE
     assert "booleans" in rejected.loc[third, "reason"]
+
+
+def test_a_bad_resolved_file_fails_the_round_before_its_inputs_are_written(
+    fresh_source, tmp_path, instance
+):
+    resolved = fresh_source / "rounds/1/resolved.parquet"
+    pd.read_parquet(resolved).assign(target=7.0).to_parquet(resolved)
+    defs, paths = platform(fresh_source, tmp_path)
+    result = run_job(defs, instance, 1, INGEST_ROUND_JOB)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    assert failure.step_key == "round_inputs"
+    assert "resolved.parquet" in failure.event_specific_data.error.message
+    wh = Warehouse(paths.warehouse)
+    assert all(wh.read_round(name, 1).empty for name in INGEST_TABLES if name in wh.table_names())

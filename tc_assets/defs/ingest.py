@@ -114,6 +114,8 @@ def round_inputs(
                 progress=progress,
                 workers=config.read_workers,
             )
+            # A bad resolved.parquet fails the round here, before any of its inputs is written.
+            load_resolved(source, r, inputs.ids)
         with timer() as t_write:
             counts = warehouse.get().write_round(r, warehouse_tables(inputs, source.uri))
     context.log.info(

@@ -313,13 +313,20 @@ def validate_example(df: pd.DataFrame, live_ids: pd.Index) -> pd.Series:
 
 
 def validate_market(df: pd.DataFrame, live_ids: pd.Index) -> pd.Series:
-    """market.parquet: id, adv_usd > 0 and finite (ids not in the round are ignored)."""
+    """market.parquet: id, adv_usd > 0 and finite for at least MIN_COVERAGE of the live ids
+    (ids not in the round are ignored; a live id without adv_usd cannot be held)."""
     series, rejection, _ = _prepare(df, "adv_usd", live_ids)
     if rejection is not None:
         raise RoundInputError(f"{MARKET_FILE}: {rejection.reason}")
     assert series is not None
     if (series <= 0).any():
         raise RoundInputError(f"{MARKET_FILE}: {int((series <= 0).sum())} adv_usd values <= 0")
+    if len(series) < MIN_COVERAGE * len(live_ids):
+        raise RoundInputError(
+            f"{MARKET_FILE}: has adv_usd for {len(series)} of {len(live_ids)} live ids "
+            f"({len(series) / len(live_ids):.1%}); at least {MIN_COVERAGE:.0%} required (a live "
+            "id without adv_usd gets a position cap of 0)"
+        )
     return series
 
 
