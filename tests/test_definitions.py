@@ -96,7 +96,11 @@ def test_jobs_schedules_and_sensors(defs):
         "score_round",
     ]
     assert [s.name for s in repo.schedule_defs] == ["round_close_schedule"]
-    assert sorted(s.name for s in repo.sensor_defs) == ["new_round_sensor", "round_changes_sensor"]
+    assert sorted(s.name for s in repo.sensor_defs) == [
+        "dead_runs_sensor",
+        "new_round_sensor",
+        "round_changes_sensor",
+    ]
     assert repo.get_schedule_def("round_close_schedule").job_name == INGEST_ROUND_JOB
     assert repo.get_sensor_def("round_changes_sensor").job_name == "score_round"
     assert repo.get_sensor_def("new_round_sensor").job_name == INGEST_ROUND_JOB

@@ -72,8 +72,9 @@ def _resource_fields(resource: dg.ConfigurableResource, prefix: str) -> list[str
 def test_no_credential_can_be_configured_on_a_resource():
     """Credentials come from the environment only: no resource field could hold one (Dagster
     would keep it in plain text in run config and the UI)."""
-    from tc_assets.defs.definitions import defs
+    from tc_assets.defs.definitions import build_definitions
 
+    defs = build_definitions(PlatformPaths.create("s3://bucket/prefix", "/tmp/unused.duckdb"))
     fields = [
         path
         for key, resource in defs.resources.items()

@@ -250,38 +250,46 @@ class PoolWatch:
         ):
             return False  # their slots are free: the step gets one at its next claim
         now = now or datetime.now(UTC)
+        held = self._held_by(info, holders)
         for step in waiting:
             since = step.enqueued_timestamp
             since = since if since.tzinfo else since.replace(tzinfo=UTC)
-            held = (
-                ", ".join(
-                    f"{describe_run(self.instance, r)} at step "
-                    + ", ".join(s.step_key for s in info.claimed_slots if s.run_id == r)
-                    for r in holders
-                )
-                or "nobody (the slot is being handed over)"
-            )
             waited = (now - since).total_seconds()
             if waited > self.settings.pool_wait_s:
                 self.gave_up = (
                     f"step {step.step_key} gave up after waiting {waited:.0f}s (pool_wait_s "
                     f"{self.settings.pool_wait_s:g}) for a slot of pool {self.pool}, held by "
-                    f"{held}. If that run is stuck, clear it with `tc-platform unblock "
-                    f"{holders[0] if holders else 'RUN_ID'}` (marks it failed and frees its "
-                    "slots), or from the UI: terminate the run, or free its slots under "
-                    f"Deployment > Concurrency > {self.pool}."
+                    f"{held}. {self._remedy(holders)}"
                 )
                 self.notify(self.gave_up)
                 return True
-            told = (step.step_key, frozenset(holders))
-            if told not in self._told:
-                self._told.add(told)
+            if (step.step_key, frozenset(holders)) not in self._told:
+                self._told.add((step.step_key, frozenset(holders)))
                 self.notify(
                     f"step {step.step_key} is waiting for a slot of pool {self.pool} since "
                     f"{since:%Y-%m-%d %H:%M:%S} UTC, held by {held}; it gives up after "
                     f"{self.settings.pool_wait_s:g}s"
                 )
         return False
+
+    def _held_by(self, info: object, holders: list[str]) -> str:
+        """Which runs hold the pool's slots, at which steps, in words."""
+        return (
+            ", ".join(
+                f"{describe_run(self.instance, r)} at step "
+                + ", ".join(s.step_key for s in info.claimed_slots if s.run_id == r)
+                for r in holders
+            )
+            or "nobody (the slot is being handed over)"
+        )
+
+    def _remedy(self, holders: list[str]) -> str:
+        return (
+            f"If that run is stuck, clear it with `tc-platform unblock "
+            f"{holders[0] if holders else 'RUN_ID'}` (marks it failed and frees its slots), or "
+            f"from the UI: terminate the run, or free its slots under Deployment > Concurrency "
+            f"> {self.pool}."
+        )
 
 
 class GuardedInProcessExecutor(InProcessExecutor):

@@ -225,13 +225,20 @@ FAILING_ROWS_SHOWN = 5
 
 
 def wait_for_lock(warehouse: WarehouseResource) -> None:
-    """Wait, as the Python steps do, until no other process holds the warehouse's lock; a
-    Failure with their message when it stays locked past `lock_timeout_s`."""
+    """Wait, as the Python steps do, until no other process holds the warehouse's lock (the same
+    lock_timeout_s); a Failure with their message when it stays locked past it."""
     try:
         with warehouse.get().connect():
             pass
     except WarehouseError as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from exc
+
+
+def _described(event: Any, warehouse: WarehouseResource, invocation: Any) -> Any:
+    """A failed dbt test's check with its description (`_failed_test`); other events as they are."""
+    if isinstance(event, dg.AssetCheckResult) and not event.passed:
+        return event._replace(description=_failed_test(warehouse, invocation, event))
+    return event
 
 
 def _failed_test(warehouse: WarehouseResource, invocation: Any, check: dg.AssetCheckResult) -> str:
@@ -275,9 +282,7 @@ def _build_round(
     args = ["build", "--vars", json.dumps({"round": r})]
     if config.full_refresh:
         args.append("--full-refresh")
-    # The same wait for another process's lock as every Python step (lock_timeout_s, same
-    # message); dbt's own connect retries then only cover the moment between the two.
-    wait_for_lock(warehouse)
+    wait_for_lock(warehouse)  # dbt's own connect retries then only cover a moment
     # No colour codes in dbt's output: it ends up in failure messages, logs and the terminal.
     with _environment({WAREHOUSE_ENV: path, "DBT_USE_COLORS": "false"}):
         invocation = dbt.cli(args, context=context, raise_on_error=False, target_path=target)
@@ -291,8 +296,7 @@ def _build_round(
     extra = _round_metadata(warehouse, r, built)
     for event in events:
         uid = _unique_id(event)
-        if isinstance(event, dg.AssetCheckResult) and not event.passed:
-            event = event._replace(description=_failed_test(warehouse, invocation, event))
+        event = _described(event, warehouse, invocation)
         yield event.with_metadata({**event.metadata, **extra[uid]}) if uid in extra else event
     if error is not None:
         raise error
