@@ -14,6 +14,7 @@ from numerai_tools.scoring import numerai_corr
 from scipy.stats import rankdata, spearmanr
 
 from tc_assets.io.synthetic import SyntheticSettings, generate_source
+from tc_assets.scoring._tc_dual import DualNewtonSolver
 from tc_assets.scoring.contribution import TCResult, TCSettings, dropout_masks, true_contribution
 from tc_assets.scoring.meta_model import prediction_matrix
 from tc_assets.scoring.optimizer import (
@@ -50,17 +51,47 @@ def small_round(
     return prediction_matrix(raw), stakes, target, spec
 
 
-# --- invariances (1e-6 relative, one bag without dropout) ------------------------------------
+# --- the method's promises, on the default bagged path (100 bags, dropout 0.5) ----------------
+
+DEFAULT_PATHS = [TCSettings(), TCSettings(antithetic=False)]
+PATH_IDS = ["antithetic", "independent"]
 
 
-def test_identical_predictions_with_different_stakes_get_equal_tc() -> None:
+@pytest.mark.parametrize("settings", DEFAULT_PATHS, ids=PATH_IDS)
+def test_identical_predictions_with_stakes_1_and_1000_get_equal_tc(settings: TCSettings) -> None:
     p, stakes, target, spec = small_round(1)
     p[:, 3] = p[:, 2]
-    stakes[2], stakes[3] = 5.0, 0.5
-    res = true_contribution(p, stakes, target, spec, ONE_PLAIN_BAG, label="1")
-    assert res.tc[2] != 0.0
-    assert res.tc[3] == pytest.approx(res.tc[2], rel=1e-6)
-    np.testing.assert_allclose(res.tc, res.unbagged_tc, rtol=1e-12)
+    stakes[2], stakes[3] = 1.0, 1000.0
+    res = true_contribution(p, stakes, target, spec, settings, label="1")
+    assert res.bags == 100 and abs(res.tc[2]) > 1e-3
+    # Their masks differ, and so do the bags where each one's stake is in the meta model.
+    assert not np.array_equal(res.masks[:, 2], res.masks[:, 3])
+    assert res.tc[3] == pytest.approx(res.tc[2], rel=1e-9)
+    np.testing.assert_allclose(res.bag_tc[:, 3], res.bag_tc[:, 2], rtol=1e-9)
+
+
+@pytest.mark.parametrize("settings", DEFAULT_PATHS, ids=PATH_IDS)
+def test_a_zero_stake_copy_gets_the_tc_of_the_staked_model(settings: TCSettings) -> None:
+    p, stakes, target, spec = small_round(2)
+    p = np.column_stack([p, p[:, 4]])
+    stakes = np.append(stakes, 0.0)
+    res = true_contribution(p, stakes, target, spec, settings, label="2")
+    assert stakes[4] > 0 and abs(res.tc[4]) > 1e-3
+    assert res.tc[-1] == pytest.approx(res.tc[4], rel=1e-9)
+    # The copy is scored in every bag; adding it changes no bag and no other model's TC.
+    assert np.all(res.bag_tc[:, -1] != 0.0)
+    without = true_contribution(p[:, :-1], stakes[:-1], target, spec, settings, label="2")
+    np.testing.assert_allclose(res.tc[:-1], without.tc, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("settings", DEFAULT_PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("factor", [1e-3, 1e3])
+def test_multiplying_every_stake_leaves_tc_unchanged(settings: TCSettings, factor: float) -> None:
+    p, stakes, target, spec = small_round(3)
+    one = true_contribution(p, stakes, target, spec, settings)
+    scaled = true_contribution(p, factor * stakes, target, spec, settings)
+    np.testing.assert_allclose(scaled.tc, one.tc, rtol=1e-9, atol=1e-9 * np.abs(one.tc).max())
+    assert scaled.scale == pytest.approx(one.scale, rel=1e-9)
 
 
 def test_zero_stake_models_get_a_tc_nonzero_when_informative() -> None:
@@ -69,42 +100,106 @@ def test_zero_stake_models_get_a_tc_nonzero_when_informative() -> None:
     informative = prediction_matrix(ties_broken[:, None])
     p = np.column_stack([p, informative[:, 0]])
     stakes = np.append(stakes, 0.0)
-    res = true_contribution(p, stakes, target, spec, ONE_PLAIN_BAG, label="2")
+    res = true_contribution(p, stakes, target, spec, label="2")
     assert res.tc[-1] > 0.1  # pays: it knows the target
     assert res.tc[-1] == res.tc.max()
-    # Its stake enters nowhere but the derivative: adding the column changes no other TC.
-    without = true_contribution(p[:, :-1], stakes[:-1], target, spec, ONE_PLAIN_BAG)
-    np.testing.assert_allclose(res.tc[:-1], without.tc, rtol=1e-9, atol=1e-12)
 
 
-def test_multiplying_every_stake_by_ten_leaves_tc_unchanged() -> None:
-    p, stakes, target, spec = small_round(3)
-    one = true_contribution(p, stakes, target, spec, ONE_PLAIN_BAG)
-    ten = true_contribution(p, 10.0 * stakes, target, spec, ONE_PLAIN_BAG)
-    np.testing.assert_allclose(ten.tc, one.tc, rtol=1e-6, atol=1e-9 * np.abs(one.tc).max())
-    bagged = TCSettings(bags=6)
-    np.testing.assert_allclose(
-        true_contribution(p, 10.0 * stakes, target, spec, bagged).tc,
-        true_contribution(p, stakes, target, spec, bagged).tc,
-        rtol=1e-6,
-    )
+def test_tc_is_affine_in_the_models_ranks() -> None:
+    p, stakes, target, spec = small_round(9)
+    res = true_contribution(p, stakes, target, spec, label="9")
+    assert res.g is not None
+    np.testing.assert_allclose(p.T @ res.g - res.c, res.tc, rtol=1e-9, atol=1e-12)
+
+
+# --- scale, degenerate rounds, untradable bags ------------------------------------------------
+
+
+def test_a_target_shaped_deviation_scores_one() -> None:
+    """kappa makes a unit-spread deviation equal to the standardized target score 1 (exactly,
+    in every bag, for a model whose column is x_b + t / std(t))."""
+    p, stakes, target, spec = small_round(10)
+    res = true_contribution(p, stakes, target, spec, label="10")
+    t = target - target.mean()
+    # P_j . g - c for a column equal to x_b + t/std(t) in each bag has mean exactly 1.
+    assert res.g is not None
+    assert float(t @ res.g) / t.std() == pytest.approx(1.0, rel=1e-9)
+    assert 0.0 < res.passthrough <= 1.0
+
+
+def test_near_linear_programs_get_a_positive_scale_or_fail_clearly() -> None:
+    """At a small gamma the problem is nearly a linear program: every position sits at 0 or a
+    cap but one per side. At 0.005 the full-stake portfolio passes nothing through (the
+    Jacobian's trace is 0, the scale that erased every TC) while the bags do; at 0.003 the trace
+    jumps to 1/gamma. The scale is positive in both and TC barely moves between them. At 0.001
+    no bag passes anything, every gradient is 0, and the round fails naming the setting: it
+    never gets all-zero TC."""
+    p, stakes, target, spec = small_round(11)
+
+    def at(gamma: float) -> PortfolioSpec:
+        return PortfolioSpec(gamma, spec.caps, spec.exposures, spec.limits)
+
+    def full_trace(s: PortfolioSpec) -> float:
+        solver = DualNewtonSolver(s, device="cpu")
+        return solver.jacobian_trace(
+            solver.solve_or_raise((p @ stakes / stakes.sum())[None, :], label="11")
+        )
+
+    assert full_trace(at(5e-3)) == 0.0 and full_trace(at(3e-3)) == pytest.approx(1 / 3e-3)
+    five, three = (true_contribution(p, stakes, target, at(g), label="11") for g in (5e-3, 3e-3))
+    for res in (five, three):
+        assert res.scale > 0 and res.passthrough > 0 and res.tc.std() > 0.01
+    assert np.corrcoef(five.tc, three.tc)[0, 1] > 0.99
+    assert 0.5 < five.tc.std() / three.tc.std() < 2.0
+    with pytest.raises(ValueError, match=r"round 11: TC is undefined.*Raise gamma"):
+        true_contribution(p, stakes, target, at(1e-3), label="11")
+
+
+def test_bags_that_hold_stocks_on_both_sides_are_skipped_then_fail_the_round() -> None:
+    """A universe barely large enough for the caps: the full-stake portfolio is tradable but a
+    few bags' optima hold stocks long and short. With the default settings they are skipped
+    and counted; above max_untradable_bags the round fails."""
+    p, stakes, target, spec = small_round(12, n=250, k=4, m=10)
+    tight = PortfolioSpec(22.0, np.full(250, 0.01), spec.exposures, spec.limits)
+    res = true_contribution(p, stakes, target, tight, label="12")
+    bad = len(res.untradable_bags)
+    assert res.portfolio.long_short_overlap == 0.0
+    assert 0 < bad <= 10, "the fixture must mix tradable and untradable bags"
+    assert res.bags == 100 - bad and res.bag_tc.shape[0] == res.bags
+    assert not set(res.untradable_bags) & set(res.used_bags.tolist())
+    assert np.all(np.isfinite(res.tc))
+    with pytest.raises(ValueError, match=rf"round 12: {bad} of 100 TC bags .* both long and short"):
+        true_contribution(
+            p, stakes, target, tight, TCSettings(max_untradable_bags=(bad - 1) / 100), label="12"
+        )
+
+
+def test_antithetic_pairs_need_an_even_number_of_bags() -> None:
+    with pytest.raises(ValueError, match="bags must be even"):
+        TCSettings(bags=7)
+    assert TCSettings(bags=7, antithetic=False).bags == 7
+    assert TCSettings(bags=7, dropout=0.25).bags == 7
 
 
 # --- engines -----------------------------------------------------------------------------
 
 
-def test_fast_and_reference_engines_agree_on_the_same_bags() -> None:
-    p, stakes, target, spec = small_round(4, n=200, k=8, m=12)
-    settings = TCSettings(bags=4, seed=3)
+@pytest.mark.parametrize("settings", DEFAULT_PATHS, ids=PATH_IDS)
+def test_fast_and_reference_engines_agree_on_the_default_bags(settings: TCSettings) -> None:
+    p, stakes, target, spec = small_round(4, n=120, k=5, m=8)
+    stakes[6] = 0.0
     fast = true_contribution(p, stakes, target, spec, settings, label="4")
     ref = true_contribution(
         p, stakes, target, spec, settings.model_copy(update={"engine": "reference"}), label="4"
     )
     np.testing.assert_array_equal(fast.masks, ref.masks)
+    assert fast.bags == ref.bags >= 99 and fast.skipped_bags == ref.skipped_bags
+    assert fast.untradable_bags == ref.untradable_bags == []
     assert fast.portfolio.active_caps > 0 and fast.portfolio.active_exposures > 0
     assert np.corrcoef(fast.tc, ref.tc)[0, 1] >= 0.999
     assert np.abs(fast.tc - ref.tc).max() <= 1e-3 * np.abs(ref.tc).max()
     assert np.abs(fast.bag_tc - ref.bag_tc).max() <= 1e-3 * np.abs(ref.bag_tc).max()
+    assert ref.scale == pytest.approx(fast.scale, rel=1e-4)
     np.testing.assert_allclose(fast.bag_returns, ref.bag_returns, atol=1e-7)
     np.testing.assert_allclose(
         fast.unbagged_tc, ref.unbagged_tc, atol=1e-3 * np.abs(ref.unbagged_tc).max()
@@ -123,7 +218,7 @@ def realized_return(
 
 
 def test_reference_gradient_matches_central_differences_of_r() -> None:
-    p, stakes, target, spec = small_round(5, n=120, k=5, m=6)
+    p, stakes, target, spec = small_round(5, n=200, k=5, m=6)
     stakes[4] = 0.0
     ref = true_contribution(
         p, stakes, target, spec, ONE_PLAIN_BAG.model_copy(update={"engine": "reference"})
@@ -174,7 +269,7 @@ def test_dropout_masks_are_seeded_and_antithetic() -> None:
 
 
 def test_a_bag_without_kept_stake_is_skipped_by_every_engine() -> None:
-    p, stakes, target, spec = small_round(7, n=100, k=4, m=5)
+    p, stakes, target, spec = small_round(7, n=200, k=4, m=5)
     stakes[1:] = 0.0  # one staked model: every bag that drops it has no meta model
     settings = TCSettings(bags=6, seed=4)
     fast = true_contribution(p, stakes, target, spec, settings)
@@ -185,10 +280,10 @@ def test_a_bag_without_kept_stake_is_skipped_by_every_engine() -> None:
     )
     assert ref.skipped_bags == dropped
     np.testing.assert_allclose(fast.tc, ref.tc, atol=1e-3 * np.abs(ref.tc).max())
-    # In a kept bag, each model's TC is its plain gradient times 1 (kept) or 0 (dropped).
+    # A kept bag's meta model is the full one: every model, the dropped ones included, gets
+    # its plain gradient there.
     plain = true_contribution(p, stakes, target, spec, ONE_PLAIN_BAG).tc
-    used = np.flatnonzero(fast.masks[:, 0])
-    np.testing.assert_allclose(fast.bag_tc, fast.masks[used] * plain, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(fast.bag_tc, np.tile(plain, (3, 1)), rtol=1e-9, atol=1e-12)
 
 
 def test_solver_failures_name_round_bag_and_status() -> None:

@@ -1,9 +1,10 @@
 """The reference TC engine: the published formulation with cvxpylayers, faithfully.
 
-Per bag: the stakes are a torch leaf, dropout multiplies them by the bag's mask / (1 - p), the
-meta model is a linear layer over the dropped-out stakes normalized by their sum, the optimizer
-is a `CvxpyLayer` over the same `build_cvxpy_problem(spec)` the fast engine solves, and
-R = t . (l - s); R.backward() leaves dR/ds in the leaf's .grad. Bags go through the layer one
+Per bag, as in the published code (`lin1.weight.data = F.dropout(stakes, 0.5)`): the layer's
+weights are the dropped-out stakes w_b = s * m_b / (1 - p), a torch leaf; the meta model is the
+linear layer over them normalized by their sum, the optimizer is a `CvxpyLayer` over the same
+`build_cvxpy_problem(spec)` the fast engine solves, and R = t . (l - s); R.backward() leaves
+dR/dw in the leaf's .grad for every model, kept or dropped. Bags go through the layer one
 at a time (a forward solve and a backward pass each), so that a bag whose solve fails or is
 inaccurate is retried alone with tighter settings; the unbagged gradient is one more pass.
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from cvxpylayers.torch import CvxpyLayer
 
-from tc_assets.scoring.contribution import TCSettings
+from tc_assets.scoring.contribution import BagGradients, TCSettings
 from tc_assets.scoring.optimizer import PortfolioSolveError, PortfolioSpec, build_cvxpy_problem
 
 
@@ -57,27 +58,39 @@ def build_layer(spec: PortfolioSpec) -> CvxpyLayer:
     return CvxpyLayer(prob.problem, parameters=[prob.signal], variables=[prob.long, prob.short])
 
 
-def _layer_returns(
+def _layer_bag(
     layer: CvxpyLayer,
     p: torch.Tensor,
     stakes: np.ndarray,
     t: torch.Tensor,
-    masks: np.ndarray,
+    mask: np.ndarray,
     keep: float,
     args: dict[str, Any],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Forward + backward for a batch of bags: (dR_b/ds (bags, models), R_b (bags,))."""
-    leaf = torch.tensor(np.tile(stakes, (masks.shape[0], 1)), requires_grad=True)
-    dropped = leaf * torch.as_tensor(masks, dtype=torch.float64) / keep  # torch dropout
-    x = torch.nn.functional.linear(dropped, p) / dropped.sum(dim=1, keepdim=True)
+) -> tuple[np.ndarray, ...]:
+    """Forward + backward for one bag, as the published code does it: the dropped-out stakes
+    are the leaf (the linear layer's weights), so every model, kept or dropped, gets dR/dw.
+
+    Returns (dR/dw (models,), S_b, dR/dx (stocks,), x (stocks,), R, max_i min(l_i, s_i)).
+    """
+    weights = torch.tensor((stakes * mask / keep)[None, :], dtype=torch.float64, requires_grad=True)
+    total = weights.sum(dim=1, keepdim=True)
+    x = torch.nn.functional.linear(weights, p) / total
+    x.retain_grad()
     long, short = layer(x, solver_args=args)
     r = (long - short) @ t
     r.sum().backward()
-    assert leaf.grad is not None
-    return leaf.grad.numpy().copy(), r.detach().numpy()
+    assert weights.grad is not None and x.grad is not None
+    return (
+        weights.grad[0].numpy().copy(),
+        float(total),
+        x.grad[0].numpy().copy(),
+        x[0].detach().numpy().copy(),
+        float(r[0]),
+        float(torch.minimum(long, short).max()),
+    )
 
 
-def reference_gradients(
+def reference_bags(
     p: np.ndarray,
     stakes: np.ndarray,
     t: np.ndarray,
@@ -86,8 +99,8 @@ def reference_gradients(
     bag_ids: np.ndarray,
     settings: TCSettings,
     label: str,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(S * dR_b/ds (bags, models), the unbagged S * dR/ds, R_b (bags,)) via cvxpylayers.
+) -> tuple[BagGradients, BagGradients]:
+    """The bags (rows of masks) and the unbagged gradient via cvxpylayers, one bag at a time.
 
     A bag whose solve fails or is inaccurate is retried with tighter settings, then raises
     `PortfolioSolveError` naming the round, the bag and the solver status.
@@ -97,21 +110,17 @@ def reference_gradients(
     tt = torch.as_tensor(t, dtype=torch.float64)
     total = float(stakes.sum())
     keep = 1.0 - settings.dropout
-    grads = np.zeros(masks.shape)
-    returns = np.zeros(masks.shape[0])
-    ones = np.ones((1, masks.shape[1]), dtype=bool)
     # Bag -1, last, is the unbagged gradient (no dropout).
-    jobs = [(int(b), masks[i : i + 1], keep) for i, b in enumerate(bag_ids)] + [(-1, ones, 1.0)]
-    results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    status = ""
+    jobs = [(int(b), masks[i], keep) for i, b in enumerate(bag_ids)]
+    jobs.append((-1, np.ones(masks.shape[1], dtype=bool), 1.0))
+    results = []
     for bag, mask, k in jobs:
+        status = ""
         for tighten in (0, 1):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    results[bag] = _layer_returns(
-                        layer, pt, stakes, tt, mask, k, solver_args(settings, tighten)
-                    )
+                    out = _layer_bag(layer, pt, stakes, tt, mask, k, solver_args(settings, tighten))
                     status = ""
                 except Exception as exc:  # diffcp/cvxpy raise SolverError, ValueError, ...
                     status = str(exc) or type(exc).__name__
@@ -122,7 +131,19 @@ def reference_gradients(
                 break
         if status:
             raise PortfolioSolveError(label, "unbagged gradient" if bag < 0 else bag, status)
-    for i, b in enumerate(bag_ids):
-        g, r = results[int(b)]
-        grads[i], returns[i] = g[0] * total, r[0]
-    return grads, results[-1][0][0] * total, returns
+        results.append(out)
+    grad, s_b, v, x, r, overlap = (np.array(col) for col in zip(*results, strict=True))
+
+    def rows(sl: slice) -> BagGradients:
+        return BagGradients(
+            raw=total * grad[sl],
+            weight=total / s_b[sl],
+            v=v[sl],
+            x=x[sl],
+            returns=r[sl],
+            overlap=overlap[sl],
+            iterations=None,
+            kkt=float("nan"),
+        )
+
+    return rows(slice(0, -1)), rows(slice(-1, None))

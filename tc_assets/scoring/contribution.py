@@ -1,64 +1,96 @@
-"""True Contribution (TC): the derivative of the meta portfolio's return w.r.t. each stake.
+"""True Contribution (TC): the derivative of the meta portfolio's return w.r.t. each model's
+weight in the meta model, through the optimizer, averaged over dropout bags.
 
 Definition (README text)
 ------------------------
 Let P be the (stocks x models) matrix of gaussianized tie-kept ranks of every model with a valid
 submission (staked or not; missing ids 0), s >= 0 the stakes, S = sum(s) > 0, and t the round's
-target (or realized `return`) centred to mean 0. The meta model is x(s) = P s / sum(s), the
-meta portfolio w*(x) solves the optimizer problem of `optimizer.py`, and its return is
-R(s) = t . w*(x(s)).
+target (or realized `return`) centred to mean 0. For layer weights w >= 0 the meta model is
+x(w) = P w / sum(w), the meta portfolio w*(x) solves the optimizer problem of `optimizer.py`,
+and its return is R(w) = t . w*(x(w)).
 
-Bags. B dropout masks m_b in {0, 1}^models (default B = 100, keep probability 1 - p = 0.5) are
-drawn once from the seed and shared by every engine. In bag b the stakes are those of
-torch dropout, s_b = s * m_b / (1 - p), and by the chain rule through x,
+Bags (the published method). B dropout masks m_b in {0, 1}^models (default B = 100, keep
+probability 1 - p = 0.5) are drawn once from the seed for the staked models and shared by every
+engine (a zero-stake model has nothing to drop, so adding one changes no bag). Bag b sets the
+layer's weights to the dropped-out stakes, w_b = s * m_b / (1 - p) (torch dropout), with total
+S_b = sum(w_b), and reads the gradient with respect to those weights:
 
-    dR_b/ds_j = m_bj (P_j - x_b) . v_b / sum(m_b * s),   v_b = (dw*/dx)^T t at x_b = x(s_b),
+    dR/dw_j at w_b = (P_j - x_b) . v_b / S_b,    x_b = x(w_b),  v_b = (dw*/dx)^T t at x_b.
 
-so a dropped model gets 0 in that bag and a kept one its gradient w.r.t. the dropped-out stake
-times 1/(1 - p) (which cancels against the normalization by the bag's total stake). A bag whose
-kept stake sums to 0 has no meta model: it is skipped by every engine, and `TCResult.bags`
-counts the bags used.
+Every model, kept, dropped or unstaked, gets this value in every bag: it depends on the model
+only through its column P_j, never on its own stake or mask. A bag whose kept stake is 0 has no
+meta model and is skipped; so is a bag whose portfolio is not tradable (see below).
 
-Scale. TC_j = mean_b [ S * dR_b/ds_j ] / kappa,   kappa = std(t) * tr(dw*/dx at x(s)).
+Scale. With G_bj = S * dR/dw_j at w_b = (S / S_b) (P_j - x_b) . v_b,
 
-* Multiplying every stake by c leaves x, w* and S * dR/ds unchanged: TC is stake-scale free.
-* kappa is the optimizer's total gain from signal to weights (the number of free positions
-  minus the binding budget and exposure rows, over gamma) times the target's spread, computed
-  once per round at the full-stake meta portfolio and shared by all engines. If the optimizer
-  were an isotropic linear map of gain g on the stocks it trades, a model whose deviation from
-  the meta model has correlation rho with t and unit spread would get TC ~= rho: TC is in
-  correlation units, the same size as CORR (the ratio is reported on generated data).
-* A model's TC is positive when moving stake towards it raises the optimized portfolio's
-  return: exposure the optimizer's limits remove earns nothing; signal it can trade earns.
+    TC_j = mean_b G_bj / kappa,    kappa = mean_b [ (S / S_b) t . v_b ] / std(t).
 
-Engines (`TCSettings.engine`), all on the same masks:
+kappa is G for the standardized target itself: a model whose deviation from every bag's meta
+model were t / std(t) would get TC = 1, so TC is in correlation units (a model's TC is the share
+of a perfect unit-spread signal's contribution that its own deviation achieves). t . v_b =
+t' (dw*/dx) t >= 0 is a quadratic form of the optimizer's (positive semi-definite) Jacobian,
+summed over every stock, so kappa changes by a small fraction when one position enters or leaves
+the free set, and it is positive whenever any bag passes any of the target to its portfolio.
+When none does (no free position in any bag, e.g. a tiny gamma makes the problem a linear
+program), every gradient is 0, TC is undefined and the round fails naming the setting.
+
+* Multiplying every stake by c leaves x_b, w*, S / S_b and so TC unchanged.
+* Identical columns of P get identical TC whatever their stakes; a zero-stake model is scored
+  in every bag. TC_j = P_j . g - c is affine in the model's ranks, with
+  g = mean_b (S / S_b) v_b / kappa and c = mean_b (S / S_b) x_b . v_b / kappa (`TCResult.g`,
+  `TCResult.c`): a candidate added with zero stake changes no x_b or v_b, so its TC is that dot
+  product.
+
+Tradable bags. The l/s problem is a valid portfolio only when no stock is held on both sides
+(see `optimizer.inexact_split`). A bag whose portfolio overlaps by more than `SPLIT_TOL` is
+skipped and counted (`TCResult.untradable_bags`); when more than
+`TCSettings.max_untradable_bags` of the requested bags are, the round fails with the reason and
+the settings to change.
+
+Engines (`TCSettings.engine`, the `ENGINES` registry; all return a `TCResult`), on the same masks:
 * "fast": exact dual Newton solves batched over bags, warm-started from the full-stake solution,
   and one active-set vector-Jacobian product per bag (`_tc_dual.py`); every model's gradient is
   then P^T v_b - x_b . v_b, one matrix product for all bags. torch, cuda when available.
-* "reference": the published formulation: stakes as a torch leaf, dropout, the meta model as a
-  linear layer, the optimizer as a cvxpylayers `CvxpyLayer` (diffcp, SCS at eps 1e-10, LSMR
-  derivative), R.backward(). Slow; for validation.
-* "leave_one_out": TC_j = (R(s) - R(s with s_j = 0)) / kappa for staked models, 0 for the
-  others; no bags. Small rounds only. Its flaws are the reason for the gradient: unstaked models
-  get 0 and identical predictions with different stakes get different scores.
+* "reference": the published formulation: the dropped-out stakes w_b are a torch leaf, the meta
+  model a linear layer over them, the optimizer a cvxpylayers `CvxpyLayer` (diffcp, SCS at eps
+  1e-10, LSMR derivative), R.backward() leaves dR/dw in the leaf's .grad. Slow; for validation.
+* "leave_one_out": TC_j = (R(s) - R(s with s_j = 0)) / kappa0 for staked models, 0 for the
+  others, kappa0 = t . v / std(t) at the full stakes; no bags. Small rounds only. Its flaws are
+  the reason for the gradient: unstaked models get 0 and identical predictions with different
+  stakes get different scores.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tc_assets.scoring._tc_dual import DualBatch, DualNewtonSolver, resolve_device, torch_threads
 from tc_assets.scoring.optimizer import PortfolioSolution, PortfolioSpec
 
-__all__ = ["TCResult", "TCSettings", "dropout_masks", "true_contribution"]
+__all__ = [
+    "ENGINES",
+    "SPLIT_TOL",
+    "BagGradients",
+    "TCResult",
+    "TCSettings",
+    "dropout_masks",
+    "true_contribution",
+]
 
 Engine = Literal["fast", "reference", "leave_one_out"]
+
+SPLIT_TOL = 1e-7
+"""A bag's portfolio is tradable when no stock is held more than this on both sides."""
+
+PASSTHROUGH_MIN = 1e-9
+"""Below this share of the target passed to the bags' portfolios, TC is undefined."""
 
 
 class TCSettings(BaseModel):
@@ -77,16 +109,24 @@ class TCSettings(BaseModel):
         ge=0.0,
         lt=1.0,
         description="Probability that a model's stake is dropped in a bag (0: every bag is the "
-        "plain gradient).",
+        "plain gradient at the full stakes).",
     )
     seed: int = Field(default=0, ge=0, description="Seed of the dropout masks.")
     antithetic: bool = Field(
         default=True,
         description="With dropout 0.5, draw the bags in complementary pairs (a mask and its "
         "complement): each bag alone is still a random 50% dropout and the mean estimates the "
-        "same TC, but with an even number of bags every model is kept in exactly half of them, "
-        "so no model's TC rests on a luckier keep count than another's. False: independent "
-        "bags, as in the published method.",
+        "same TC, but every model is kept in exactly half of the bags, so the bags' meta models "
+        "are balanced around the full one. Needs an even number of bags. Ignored at other "
+        "dropout rates. False: independent bags, as in the published method.",
+    )
+    max_untradable_bags: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description="Largest share of the requested bags whose portfolio may hold a stock both "
+        "long and short (not tradable as specified: too small a universe for the caps); those "
+        "bags are skipped and counted, and above this share the round fails.",
     )
     target_column: Literal["target", "return"] = Field(
         default="target",
@@ -135,6 +175,15 @@ class TCSettings(BaseModel):
         "other (the full-size round took 7x longer with 2 threads than with 1 under load).",
     )
 
+    @model_validator(mode="after")
+    def _pairs_need_even_bags(self) -> TCSettings:
+        if self.antithetic and self.dropout == 0.5 and self.bags % 2:
+            raise ValueError(
+                f"antithetic bags come in complementary pairs, so bags must be even (got "
+                f"{self.bags}); use an even number or antithetic: false"
+            )
+        return self
+
 
 @dataclass(frozen=True)
 class TCResult:
@@ -142,18 +191,26 @@ class TCResult:
 
     Attributes:
         engine: the engine used.
-        tc: (models,) mean over the bags of S * dR_b/ds_j / scale.
+        tc: (models,) mean over the used bags of G_bj / kappa.
         tc_std: (models,) standard deviation of the per-bag values (ddof=1; 0 for one bag).
-        bag_tc: (bags, models) per-bag values (bags used only, in order).
-        bags: bags used; skipped_bags: indices of the bags with zero kept stake.
+        bag_tc: (bags used, models) per-bag values G_bj / kappa, in bag order.
+        bags: bags used.
+        skipped_bags: indices of the bags with zero kept stake (no meta model).
+        untradable_bags: indices of the bags skipped because their portfolio held a stock both
+            long and short.
         masks: (requested bags, models) the dropout keep masks.
         unbagged_tc: (models,) the plain gradient at the full stakes on the same scale (no
             dropout); None for leave-one-out.
-        scale: kappa = target_std * jacobian_trace (0 when nothing is free: then TC = 0).
+        scale: kappa (see the module docstring); always > 0.
+        passthrough: mean_b (S/S_b) t'(dw*/dx)t over mean_b (S/S_b) |t|^2 / gamma, in (0, 1]:
+            the share of the target the optimizer lets through to the bags' portfolios.
+        target_std: std(t).
+        g: (stocks,) TC's weight on each stock's rank, and c its offset: tc = P' g - c
+            (None and NaN for leave-one-out).
         portfolio: the full-stake meta portfolio; realized_return: its R = w . t.
-        bag_returns: (bags,) R of each bag's portfolio.
-        iterations: (bags,) dual Newton iterations per bag (fast and leave-one-out engines:
-            per re-optimization), None for the reference engine.
+        bag_returns: (bags used,) R of each bag's portfolio.
+        iterations: (bags solved,) dual Newton iterations per bag (fast and leave-one-out
+            engines: per re-optimization), None for the reference engine.
         kkt_max: largest KKT residual over every fast solve (NaN for the reference engine).
         seconds: engine wall time; time_per_bag_s: seconds / max(bags, 1).
         timings: seconds by phase ("meta_portfolio", "bags", ...).
@@ -166,11 +223,14 @@ class TCResult:
     bag_tc: np.ndarray
     bags: int
     skipped_bags: list[int]
+    untradable_bags: list[int]
     masks: np.ndarray
     unbagged_tc: np.ndarray | None
     scale: float
+    passthrough: float
     target_std: float
-    jacobian_trace: float
+    g: np.ndarray | None
+    c: float
     portfolio: PortfolioSolution
     realized_return: float
     bag_returns: np.ndarray
@@ -181,6 +241,12 @@ class TCResult:
     device: str
     timings: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def used_bags(self) -> np.ndarray:
+        """Indices (among the requested bags) of the bags in bag_tc, in order."""
+        dropped = set(self.skipped_bags) | set(self.untradable_bags)
+        return np.array([i for i in range(self.masks.shape[0]) if i not in dropped], dtype=int)
+
     def split_half(self) -> float:
         """Pearson correlation across models of the TC from two halves of the bags: the
         stability of the bagged estimate. Halves: alternate pairs of bags by their index
@@ -188,13 +254,50 @@ class TCResult:
         skipped); NaN with fewer than 4 bags."""
         if self.bags < 4:
             return float("nan")
-        skipped = set(self.skipped_bags)
-        used = np.array([i for i in range(self.masks.shape[0]) if i not in skipped])
-        half = (used // 2) % 2 == 0
+        half = (self.used_bags // 2) % 2 == 0
         a, b = self.bag_tc[half].mean(axis=0), self.bag_tc[~half].mean(axis=0)
         if a.std() == 0 or b.std() == 0:
             return float("nan")
         return float(np.corrcoef(a, b)[0, 1])
+
+
+@dataclass(frozen=True)
+class BagGradients:
+    """What an engine computes for the bags it solves (rows, in order).
+
+    Attributes:
+        raw: (rows, models) G_bj = S * dR/dw_j at the bag's layer weights w_b.
+        weight: (rows,) S / S_b.
+        v: (rows, stocks) dR/dx = (dw*/dx)' t at the bag's meta model.
+        x: (rows, stocks) the bag's meta model.
+        returns: (rows,) R = t . w* of the bag's portfolio.
+        overlap: (rows,) max_i min(long_i, short_i) of the bag's portfolio.
+        iterations: (rows,) solver iterations, None when the engine has none to report.
+        kkt: largest KKT residual (NaN when the engine has none to report).
+    """
+
+    raw: np.ndarray
+    weight: np.ndarray
+    v: np.ndarray
+    x: np.ndarray
+    returns: np.ndarray
+    overlap: np.ndarray
+    iterations: np.ndarray | None
+    kkt: float
+
+    def rows(self, keep: np.ndarray) -> BagGradients:
+        """The rows where keep is True."""
+        its = None if self.iterations is None else self.iterations[keep]
+        return BagGradients(
+            self.raw[keep],
+            self.weight[keep],
+            self.v[keep],
+            self.x[keep],
+            self.returns[keep],
+            self.overlap[keep],
+            its,
+            self.kkt,
+        )
 
 
 def dropout_masks(
@@ -215,6 +318,20 @@ def dropout_masks(
     return masks
 
 
+def _round_masks(rnd: _Round, settings: TCSettings) -> np.ndarray:
+    """The round's (bags, models) keep masks, drawn for the staked models in column order.
+
+    A zero-stake model has no weight to drop (its mask is False and changes nothing), so adding
+    or removing one leaves every bag, and every other model's TC, exactly as it was.
+    """
+    staked = rnd.stakes > 0
+    masks = np.zeros((settings.bags, rnd.p.shape[1]), dtype=bool)
+    masks[:, staked] = dropout_masks(
+        int(staked.sum()), settings.bags, settings.dropout, settings.seed, settings.antithetic
+    )
+    return masks
+
+
 @dataclass(frozen=True)
 class _Round:
     """Validated inputs shared by the engines."""
@@ -225,6 +342,19 @@ class _Round:
     t: np.ndarray  # centred target
     spec: PortfolioSpec
     label: str
+
+
+@dataclass(frozen=True)
+class _Full:
+    """The full-stake meta portfolio, solved by the fast solver for every engine: it is the
+    portfolio reported, the warm start of the bags and leave-one-out's baseline."""
+
+    solver: DualNewtonSolver
+    batch: DualBatch
+    portfolio: PortfolioSolution
+    device: str
+    start: float
+    seconds: float
 
 
 def _validate(
@@ -253,6 +383,234 @@ def _validate(
     return _Round(p=p, stakes=s, total=total, t=t, spec=spec, label=label)
 
 
+def _solve_full(rnd: _Round, settings: TCSettings) -> _Full:
+    start = time.perf_counter()
+    device = resolve_device(settings.device) if settings.engine == "fast" else "cpu"
+    solver = DualNewtonSolver(
+        rnd.spec, device=device, kkt_tol=settings.kkt_tol, max_iter=settings.max_newton_iter
+    )
+    batch = solver.solve_or_raise((rnd.p @ (rnd.stakes / rnd.total))[None, :], label=rnd.label)
+    return _Full(
+        solver=solver,
+        batch=batch,
+        portfolio=batch.solution(0, rnd.spec),
+        device=str(solver.device),
+        start=start,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _gradients(
+    solver: DualNewtonSolver,
+    batch: DualBatch,
+    p: torch.Tensor,
+    t: torch.Tensor,
+    weight: torch.Tensor,
+) -> BagGradients:
+    """G = weight * (P' v - x . v) for every row of a solved batch, v = (dw*/dx)' t."""
+    v = solver.vjp(batch, t)
+    raw = weight[:, None] * (v @ p - (batch.x * v).sum(dim=1, keepdim=True))
+    st = batch.state
+    return BagGradients(
+        raw=raw.cpu().numpy(),
+        weight=weight.cpu().numpy(),
+        v=v.cpu().numpy(),
+        x=batch.x.cpu().numpy(),
+        returns=(batch.weights @ t).cpu().numpy(),
+        overlap=torch.minimum(st.long, st.short).amax(dim=1).cpu().numpy(),
+        iterations=batch.iterations.numpy().copy(),
+        kkt=float(batch.kkt.max()),
+    )
+
+
+def _fast_bags(
+    rnd: _Round, masks: np.ndarray, bag_ids: np.ndarray, settings: TCSettings, full: _Full
+) -> tuple[BagGradients, BagGradients]:
+    """The bags (rows of masks) and the unbagged gradient by the dual Newton solver: the bags'
+    meta models are one (bags x models) @ (models x stocks) product, their solves one batch."""
+    solver = full.solver
+    dd = {"dtype": torch.float64, "device": solver.device}
+    p = torch.as_tensor(rnd.p, **dd)
+    t = torch.as_tensor(rnd.t, **dd)
+    unbagged = _gradients(solver, full.batch, p, t, torch.ones(1, **dd))
+    w = torch.as_tensor(masks, **dd) * torch.as_tensor(rnd.stakes, **dd) / (1.0 - settings.dropout)
+    s_b = w.sum(dim=1)
+    x = (w @ p.T) / s_b[:, None]
+    batch = solver.solve_or_raise(
+        x, label=rnd.label, lam0=full.batch.lam, bag_ids=[int(b) for b in bag_ids]
+    )
+    return _gradients(solver, batch, p, t, rnd.total / s_b), unbagged
+
+
+def _reference_bags(
+    rnd: _Round, masks: np.ndarray, bag_ids: np.ndarray, settings: TCSettings, full: _Full
+) -> tuple[BagGradients, BagGradients]:
+    from tc_assets.scoring._tc_reference import reference_bags
+
+    return reference_bags(rnd.p, rnd.stakes, rnd.t, rnd.spec, masks, bag_ids, settings, rnd.label)
+
+
+BagEngine = Callable[
+    [_Round, np.ndarray, np.ndarray, TCSettings, _Full], tuple[BagGradients, BagGradients]
+]
+
+
+def _scale(rnd: _Round, bags: BagGradients, what: str) -> tuple[float, float]:
+    """(kappa, passthrough) from the used bags; raises when no bag passes any target through."""
+    sensitivity = bags.weight * (bags.v @ rnd.t)
+    ceiling = float(bags.weight.mean()) * float(rnd.t @ rnd.t) / rnd.spec.gamma
+    passthrough = float(sensitivity.mean()) / ceiling if bags.weight.size else 0.0
+    if not passthrough > PASSTHROUGH_MIN:
+        raise ValueError(
+            f"round {rnd.label}: TC is undefined: the optimizer passes none of the target to "
+            f"the portfolio in {what} (t'(dw*/dx)t is {max(passthrough, 0.0):.2g} of its largest "
+            f"value: no position is free at gamma {rnd.spec.gamma:g}, so every gradient is 0). Raise "
+            "gamma or max_position (the optimizer resource's settings)."
+        )
+    return float(sensitivity.mean()) / float(rnd.t.std()), passthrough
+
+
+def _check_tradable(
+    rnd: _Round, settings: TCSettings, overlap: np.ndarray, ids: np.ndarray
+) -> None:
+    bad = overlap > SPLIT_TOL
+    if bad.sum() <= settings.max_untradable_bags * settings.bags and not bad.all():
+        return
+    raise ValueError(
+        f"round {rnd.label}: {int(bad.sum())} of {settings.bags} TC bags (e.g. bag "
+        f"{int(ids[bad][0])}) hold stocks both long and short (largest overlap "
+        f"{overlap.max():.3g}), more than max_untradable_bags={settings.max_untradable_bags:g} "
+        f"allows: their portfolios cannot be traded as specified. The universe of "
+        f"{rnd.spec.n_stocks} stocks is too small for the caps at gamma {rnd.spec.gamma:g}: "
+        "lower gamma or raise max_position (the optimizer resource's settings)."
+    )
+
+
+def _bagged(bag_engine: BagEngine) -> Callable[[_Round, TCSettings], TCResult]:
+    """A TC engine from a function that computes the bags' gradients."""
+
+    def run(rnd: _Round, settings: TCSettings) -> TCResult:
+        full = _solve_full(rnd, settings)
+        masks = _round_masks(rnd, settings)
+        kept = masks @ rnd.stakes
+        solved = np.flatnonzero(kept > 0)
+        bags_start = time.perf_counter()
+        if solved.size == 0:
+            raise ValueError(f"round {rnd.label}: no TC bag keeps any stake")
+        bags, unbagged = bag_engine(rnd, masks[solved], solved, settings, full)
+        _check_tradable(rnd, settings, bags.overlap, solved)
+        tradable = bags.overlap <= SPLIT_TOL
+        used = bags.rows(tradable)
+        kappa, passthrough = _scale(rnd, used, f"any of the {tradable.sum()} bags")
+        now = time.perf_counter()
+        bag_tc = used.raw / kappa
+        m = rnd.p.shape[1]
+        return TCResult(
+            engine=settings.engine,
+            tc=bag_tc.mean(axis=0),
+            tc_std=bag_tc.std(axis=0, ddof=1) if bag_tc.shape[0] > 1 else np.zeros(m),
+            bag_tc=bag_tc,
+            bags=int(bag_tc.shape[0]),
+            skipped_bags=[int(b) for b in np.flatnonzero(kept <= 0)],
+            untradable_bags=[int(b) for b in solved[~tradable]],
+            masks=masks,
+            unbagged_tc=unbagged.raw[0] / kappa,
+            scale=kappa,
+            passthrough=passthrough,
+            target_std=float(rnd.t.std()),
+            g=(used.weight[:, None] * used.v).mean(axis=0) / kappa,
+            c=float((used.weight * (used.x * used.v).sum(axis=1)).mean()) / kappa,
+            portfolio=full.portfolio,
+            realized_return=full.portfolio.realized_return(rnd.t),
+            bag_returns=used.returns,
+            iterations=bags.iterations,
+            kkt_max=max(bags.kkt, float(full.batch.kkt.max())),
+            seconds=now - full.start,
+            time_per_bag_s=(now - full.start) / max(int(bag_tc.shape[0]), 1),
+            device=full.device,
+            timings={"meta_portfolio": full.seconds, "bags": now - bags_start},
+        )
+
+    return run
+
+
+def _leave_one_out(rnd: _Round, settings: TCSettings) -> TCResult:
+    """(R(s) - R(s with s_j = 0)) / kappa0 for each staked model j, 0 for the others, kappa0
+    the scale of the full-stake meta model alone.
+
+    The only staked model of a round leaves no meta model behind: R without it is 0.
+    A failed re-optimization raises naming "bag" = the dropped model's column.
+    """
+    staked = np.flatnonzero(rnd.stakes > 0)
+    if staked.size > settings.loo_max_models:
+        raise ValueError(
+            f"round {rnd.label}: leave-one-out is for small rounds ({staked.size} staked models "
+            f"> loo_max_models={settings.loo_max_models})"
+        )
+    full = _solve_full(rnd, settings)
+    solver = full.solver
+    dd = {"dtype": torch.float64, "device": solver.device}
+    plain = _gradients(
+        solver,
+        full.batch,
+        torch.as_tensor(rnd.p, **dd),
+        torch.as_tensor(rnd.t, **dd),
+        torch.ones(1, **dd),
+    )
+    kappa, passthrough = _scale(rnd, plain, "the full-stake meta portfolio")
+    r_full = full.portfolio.realized_return(rnd.t)
+    raw = np.zeros(rnd.p.shape[1])
+    rest = rnd.total - rnd.stakes[staked]
+    alone = rest <= 0
+    rows = staked[~alone]
+    iterations = np.zeros(0, dtype=np.int64)
+    kkt = float(full.batch.kkt.max())
+    if rows.size:
+        x = (rnd.p @ rnd.stakes)[None, :] - rnd.p[:, rows].T * rnd.stakes[rows, None]
+        x /= rest[~alone, None]
+        batch = solver.solve_or_raise(
+            x, label=f"{rnd.label} (leave-one-out)", lam0=full.batch.lam, bag_ids=rows.tolist()
+        )
+        raw[rows] = r_full - batch.weights.cpu().numpy() @ rnd.t
+        iterations, kkt = batch.iterations.numpy().copy(), max(kkt, float(batch.kkt.max()))
+    raw[staked[alone]] = r_full
+    tc = raw / kappa
+    seconds = time.perf_counter() - full.start
+    return TCResult(
+        engine="leave_one_out",
+        tc=tc,
+        tc_std=np.zeros_like(tc),
+        bag_tc=tc[None, :],
+        bags=0,
+        skipped_bags=[],
+        untradable_bags=[],
+        masks=np.zeros((0, tc.size), dtype=bool),
+        unbagged_tc=None,
+        scale=kappa,
+        passthrough=passthrough,
+        target_std=float(rnd.t.std()),
+        g=None,
+        c=float("nan"),
+        portfolio=full.portfolio,
+        realized_return=r_full,
+        bag_returns=np.zeros(0),
+        iterations=iterations,
+        kkt_max=kkt,
+        seconds=seconds,
+        time_per_bag_s=seconds / max(int(staked.size), 1),
+        device=full.device,
+        timings={"leave_one_out": seconds},
+    )
+
+
+ENGINES: dict[str, Callable[[_Round, TCSettings], TCResult]] = {
+    "fast": _bagged(_fast_bags),
+    "reference": _bagged(_reference_bags),
+    "leave_one_out": _leave_one_out,
+}
+"""Every TC engine by name (`TCSettings.engine`); each returns a `TCResult`."""
+
+
 def true_contribution(
     p: np.ndarray,
     stakes: np.ndarray,
@@ -274,176 +632,10 @@ def true_contribution(
 
     Raises:
         PortfolioSolveError: a solve failed after its retry (names round, bag and status).
-        ValueError: bad inputs, or a leave-one-out round above its size guard.
+        ValueError: bad inputs, a leave-one-out round above its size guard, too many
+            untradable bags, or a round where TC is undefined (no target passes the optimizer).
     """
     settings = settings or TCSettings()
-    with torch_threads(settings.cpu_threads):
-        return _true_contribution(p, stakes, target, spec, settings, label)
-
-
-def _true_contribution(
-    p: np.ndarray,
-    stakes: np.ndarray,
-    target: np.ndarray,
-    spec: PortfolioSpec,
-    settings: TCSettings,
-    label: str,
-) -> TCResult:
     rnd = _validate(p, stakes, target, spec, label)
-    start = time.perf_counter()
-    device = resolve_device(settings.device) if settings.engine != "reference" else None
-    solver = DualNewtonSolver(
-        spec, device=device or "cpu", kkt_tol=settings.kkt_tol, max_iter=settings.max_newton_iter
-    )
-    # The full-stake meta portfolio fixes the scale and warm-starts the bags.
-    x_full = rnd.p @ (rnd.stakes / rnd.total)
-    full = solver.solve_or_raise(x_full[None, :], label=label)
-    portfolio = full.solution(0, spec)
-    trace = solver.jacobian_trace(full, 0)
-    target_std = float(rnd.t.std())
-    scale = target_std * trace
-    timings = {"meta_portfolio": time.perf_counter() - start}
-    masks = dropout_masks(
-        rnd.p.shape[1], settings.bags, settings.dropout, settings.seed, settings.antithetic
-    )
-    if settings.engine == "leave_one_out":
-        return _leave_one_out(rnd, settings, solver, full, portfolio, trace, scale, start)
-    kept = masks @ rnd.stakes
-    used = np.flatnonzero(kept > 0)
-    skipped = [int(b) for b in np.flatnonzero(kept <= 0)]
-    bags_start = time.perf_counter()
-    if settings.engine == "fast":
-        raw, unbagged, returns, iterations, kkt = _fast(rnd, solver, full, masks[used], used)
-    else:
-        from tc_assets.scoring._tc_reference import reference_gradients
-
-        raw, unbagged, returns = reference_gradients(
-            rnd.p, rnd.stakes, rnd.t, spec, masks[used], used, settings, label
-        )
-        iterations, kkt = None, float("nan")
-    now = time.perf_counter()
-    timings["bags"] = now - bags_start
-    inv = 1.0 / scale if scale > 0 else 0.0
-    bag_tc = raw * inv
-    m = rnd.p.shape[1]
-    return TCResult(
-        engine=settings.engine,
-        tc=bag_tc.mean(axis=0) if used.size else np.zeros(m),
-        tc_std=bag_tc.std(axis=0, ddof=1) if used.size > 1 else np.zeros(m),
-        bag_tc=bag_tc,
-        bags=int(used.size),
-        skipped_bags=skipped,
-        masks=masks,
-        unbagged_tc=unbagged * inv,
-        scale=scale,
-        target_std=target_std,
-        jacobian_trace=trace,
-        portfolio=portfolio,
-        realized_return=portfolio.realized_return(rnd.t),
-        bag_returns=returns,
-        iterations=iterations,
-        kkt_max=max(kkt, float(full.kkt.max())) if iterations is not None else float("nan"),
-        seconds=now - start,
-        time_per_bag_s=(now - start) / max(int(used.size), 1),
-        device=str(solver.device) if device is not None else "cpu",
-        timings=timings,
-    )
-
-
-def _fast(
-    rnd: _Round, solver: DualNewtonSolver, full: DualBatch, masks: np.ndarray, bag_ids: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
-    """Per-bag raw gradients S * dR_b/ds (bags, models), the unbagged one, R per bag, Newton
-    iterations per bag and the worst KKT residual.
-
-    The bags' signals and the models' gradients are one (bags x models) @ (models x stocks)
-    product each: x_b = P (m_b * s) / sum(m_b * s), grad_bj = (P_j - x_b) . v_b.
-    """
-    dd = {"dtype": torch.float64, "device": solver.device}
-    p = torch.as_tensor(rnd.p, **dd)
-    t = torch.as_tensor(rnd.t, **dd)
-    v_full = solver.vjp(full, t)
-    unbagged = (v_full @ p - (full.x * v_full).sum(dim=1, keepdim=True))[0]
-    if masks.shape[0] == 0:
-        empty = np.zeros((0, rnd.p.shape[1]))
-        return empty, unbagged.cpu().numpy(), np.zeros(0), np.zeros(0, dtype=np.int64), 0.0
-    m = torch.as_tensor(masks, **dd)
-    kept = m * torch.as_tensor(rnd.stakes, **dd)
-    kept_total = kept.sum(dim=1)
-    x = (kept @ p.T) / kept_total[:, None]
-    batch = solver.solve_or_raise(
-        x, label=rnd.label, lam0=full.lam, bag_ids=[int(b) for b in bag_ids]
-    )
-    v = solver.vjp(batch, t)  # (B, stocks): dR_b/dx
-    grad = v @ p - (x * v).sum(dim=1, keepdim=True)
-    raw = m * grad * (rnd.total / kept_total)[:, None]
-    return (
-        raw.cpu().numpy(),
-        unbagged.cpu().numpy(),
-        (batch.weights @ t).cpu().numpy(),
-        batch.iterations.numpy().copy(),
-        float(batch.kkt.max()),
-    )
-
-
-def _leave_one_out(
-    rnd: _Round,
-    settings: TCSettings,
-    solver: DualNewtonSolver,
-    full: DualBatch,
-    portfolio: PortfolioSolution,
-    trace: float,
-    scale: float,
-    start: float,
-) -> TCResult:
-    """(R(s) - R(s with s_j = 0)) / scale for each staked model j, 0 for the others.
-
-    The only staked model of a round leaves no meta model behind: R without it is 0.
-    A failed re-optimization raises naming "bag" = the dropped model's column.
-    """
-    staked = np.flatnonzero(rnd.stakes > 0)
-    if staked.size > settings.loo_max_models:
-        raise ValueError(
-            f"round {rnd.label}: leave-one-out is for small rounds ({staked.size} staked models "
-            f"> loo_max_models={settings.loo_max_models})"
-        )
-    r_full = portfolio.realized_return(rnd.t)
-    raw = np.zeros(rnd.p.shape[1])
-    rest = rnd.total - rnd.stakes[staked]
-    alone = rest <= 0
-    rows = staked[~alone]
-    iterations = np.zeros(0, dtype=np.int64)
-    kkt = float(full.kkt.max())
-    if rows.size:
-        x = (rnd.p @ rnd.stakes)[None, :] - rnd.p[:, rows].T * rnd.stakes[rows, None]
-        x /= rest[~alone, None]
-        batch = solver.solve_or_raise(
-            x, label=f"{rnd.label} (leave-one-out)", lam0=full.lam, bag_ids=rows.tolist()
-        )
-        raw[rows] = r_full - batch.weights.cpu().numpy() @ rnd.t
-        iterations, kkt = batch.iterations.numpy().copy(), max(kkt, float(batch.kkt.max()))
-    raw[staked[alone]] = r_full
-    tc = raw / scale if scale > 0 else np.zeros_like(raw)
-    seconds = time.perf_counter() - start
-    return TCResult(
-        engine="leave_one_out",
-        tc=tc,
-        tc_std=np.zeros_like(tc),
-        bag_tc=tc[None, :],
-        bags=0,
-        skipped_bags=[],
-        masks=np.zeros((0, tc.size), dtype=bool),
-        unbagged_tc=None,
-        scale=scale,
-        target_std=float(rnd.t.std()),
-        jacobian_trace=trace,
-        portfolio=portfolio,
-        realized_return=r_full,
-        bag_returns=np.zeros(0),
-        iterations=iterations,
-        kkt_max=kkt,
-        seconds=seconds,
-        time_per_bag_s=seconds / max(int(staked.size), 1),
-        device=str(solver.device),
-        timings={"leave_one_out": seconds},
-    )
+    with torch_threads(settings.cpu_threads):
+        return ENGINES[settings.engine](rnd, settings)
