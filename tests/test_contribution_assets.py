@@ -4,6 +4,7 @@ portfolio or TC cannot be computed leaves behind: a clear failure and nothing wr
 
 import dagster as dg
 import numpy as np
+import pandas as pd
 import pytest
 
 from tc_assets.defs.contribution import round_spec
@@ -12,6 +13,7 @@ from tc_assets.io.ingest import ingest_round
 from tc_assets.io.source import LocalRoundSource
 from tc_assets.io.synthetic import SyntheticSettings
 from tc_assets.io.warehouse import Warehouse
+from tc_assets.scoring.meta_model import prediction_matrix
 from tc_assets.scoring.optimizer import OptimizerSettings, check_constraints
 from tests.conftest import make_source, platform, run_job
 
@@ -78,17 +80,38 @@ def test_meta_portfolio_and_tc_scores_on_a_generated_round(
     # tc_scores: one row per valid prediction submission, staked or not, as in the metadata.
     tc = wh.read_round("tc_scores", 1).set_index("model_id")
     assert set(tc.index) == set(inputs.predictions.columns)
-    assert (tc["bags"] == 100).all() and tc["tc"].notna().all() and (tc["tc_std"] > 0).any()
+    assert tc["tc"].notna().all() and (tc["tc_std"] > 0).any()
     stake = inputs.stakes["stake"].reindex(tc.index).fillna(0.0)
     zero_stake = list(stake.index[stake == 0])
     assert zero_stake and (tc.loc[zero_stake, "tc"] != 0).any()
     md = metadata(result, "tc_scores")
-    assert md["engine"] == "fast" and md["bags"] == 100 and md["models"] == len(tc)
+    assert md["engine"] == "fast" and md["models"] == len(tc)
+    # 100 bags: those used, plus any skipped (no kept stake) or untradable, within the limit.
+    assert md["bags"] + md["skipped_bags"] + md["untradable_bags"] == 100
+    assert md["untradable_bags"] <= 10 and (tc["bags"] == md["bags"]).all()
     assert md["split_half_stability"] > 0.9 and md["corr_with_unbagged_gradient"] > 0.8
     assert md["meta_portfolio_R"] == pytest.approx(
         metadata(result, "meta_portfolio")["realized_R_target"]
     )
     assert checks["tc_scores_finite"].passed
+
+    # The planted duplicates (same predictions as another model, other stake) get the same TC.
+    planted = pd.read_csv(small_source / "rounds" / "1" / "planted.csv")
+    dups = planted[planted["kind"] == "duplicate"]
+    pairs = list(zip(dups["duplicate_of"], dups["model_id"], strict=True))
+    assert pairs and all(stake[a] != stake[b] for a, b in pairs)
+    for a, b in pairs:
+        assert tc.loc[b, "tc"] == pytest.approx(tc.loc[a, "tc"], rel=1e-9)
+
+    # TC is affine in the ranks: TC_j = P_j . g - c with g and c from the warehouse.
+    g = wh.read_round("tc_vectors", 1).set_index("id")["g"].reindex(inputs.ids)
+    (scale,) = wh.read_round("tc_scale", 1).itertuples()
+    p = prediction_matrix(inputs.predictions.reindex(inputs.ids).to_numpy(dtype=np.float64))
+    affine = pd.Series(p.T @ g.to_numpy() - scale.c, index=inputs.predictions.columns)
+    np.testing.assert_allclose(affine.reindex(tc.index), tc["tc"], rtol=1e-9, atol=1e-12)
+    assert scale.kappa == pytest.approx(md["scale_kappa"]) and scale.bags == md["bags"]
+    assert 0.3 < scale.tc_std_over_corr_std < 3.0
+    assert md["tc_std_over_corr_std"] == pytest.approx(scale.tc_std_over_corr_std)
 
 
 def test_a_universe_too_small_for_the_caps_fails_the_round_clearly(tmp_path, instance):

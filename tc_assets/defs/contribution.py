@@ -15,7 +15,13 @@ from tc_assets.defs.metadata import markdown_table, timer
 from tc_assets.defs.partitions import round_asset, round_failure, round_of
 from tc_assets.defs.resources import WarehouseResource
 from tc_assets.io.contract import RETURN_COLUMN
-from tc_assets.scoring.contribution import TCResult, TCSettings, true_contribution
+from tc_assets.scoring.contribution import (
+    TCResult,
+    TCSettings,
+    settings_hash,
+    tc_summary,
+    true_contribution,
+)
 from tc_assets.scoring.meta_model import prediction_matrix
 from tc_assets.scoring.optimizer import (
     ConstraintViolation,
@@ -190,11 +196,13 @@ def tc_scores(
     round_info: dict,
     market: pd.Series | None,
     resolved: pd.DataFrame,
+    model_metrics: pd.DataFrame,
     warehouse: WarehouseResource,
 ) -> dg.Output[pd.DataFrame]:
     """True Contribution of every model with a valid submission, staked or not (index:
     model_id; tc, tc_std across bags, bags): the gradient of the optimized meta portfolio's
-    return with respect to the model's stake, averaged over dropout bags."""
+    return with respect to the model's weight in the meta model, averaged over dropout bags.
+    Also writes the round's `tc_scale` row and `tc_vectors` (TC_j = P_j . g - c)."""
     r = round_of(context)
     settings = settings_of(config, TCSettings)
     spec = optimizer.round_spec(universe, round_info, market)
@@ -212,9 +220,23 @@ def tc_scores(
     except (PortfolioSolveError, ValueError) as exc:
         raise round_failure(r, exc) from exc
     scores = _scores_table(result, preds.columns)
-    warehouse.get().write_round(r, {"tc_scores": scores.reset_index()})
+    corr = model_metrics["corr"].reindex(preds.columns).to_numpy(dtype=np.float64)
+    digest = settings_hash(settings, settings_of(optimizer, OptimizerSettings))
+    summary = tc_summary(result, corr, target, digest)
+    warehouse.get().write_round(r, _tc_tables(result, scores, summary, universe.index))
     metadata = _tc_metadata(result, scores, stake, rank_seconds=t_rank["seconds"])
-    return dg.Output(scores, metadata={"round": r, **metadata})
+    return dg.Output(scores, metadata={"round": r, **metadata, **summary})
+
+
+def _tc_tables(
+    result: TCResult, scores: pd.DataFrame, summary: dict, ids: pd.Index
+) -> dict[str, pd.DataFrame]:
+    """The round's rows of `tc_scores`, `tc_scale` and `tc_vectors`."""
+    return {
+        "tc_scores": scores.reset_index(),
+        "tc_scale": pd.DataFrame([summary]),
+        "tc_vectors": pd.DataFrame({"id": ids.to_numpy(), "g": result.g}),
+    }
 
 
 def _scores_table(result: TCResult, models: pd.Index) -> pd.DataFrame:
@@ -243,6 +265,7 @@ def _tc_metadata(
         "staked_models": int((stake > 0).sum()),
         "bags": result.bags,
         "skipped_bags": len(result.skipped_bags),
+        "untradable_bags": len(result.untradable_bags),
         "seconds": result.seconds,
         "rank_seconds": rank_seconds,
         "time_per_bag_s": result.time_per_bag_s,
@@ -252,6 +275,7 @@ def _tc_metadata(
         "split_half_stability": result.split_half(),
         "corr_with_unbagged_gradient": unbagged,
         "scale_kappa": result.scale,
+        "target_passthrough": result.passthrough,
         "meta_portfolio_R": result.realized_return,
         "top_tc": markdown_table(ranked.head(10)),
         "bottom_tc": markdown_table(ranked.tail(10)),

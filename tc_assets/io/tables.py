@@ -131,6 +131,31 @@ TABLES: dict[str, Table] = {
             "engine VARCHAR",
             "round model_id",
         ),
+        _t(
+            "tc_scale",
+            "TC's round-level terms: kappa, the offset c of TC_j = P_j . g - c, the share of "
+            "the target the optimizer passes (passthrough), bags used and skipped, "
+            "std(TC)/std(CORR), corr(g, centred target), and a hash of the settings.",
+            "round INTEGER, engine VARCHAR, kappa DOUBLE, c DOUBLE, passthrough DOUBLE, "
+            "bags INTEGER, skipped_bags INTEGER, untradable_bags INTEGER, "
+            "tc_std_over_corr_std DOUBLE, g_target_corr DOUBLE, settings_hash VARCHAR",
+            "round",
+        ),
+        _t(
+            "tc_vectors",
+            "TC's weight g on each stock's gaussianized rank: TC_j = P_j . g - c.",
+            "round INTEGER, id VARCHAR, g DOUBLE",
+            "round id",
+        ),
+        _t(
+            "tc_attribution",
+            "Why a model's TC is what it is: its raw signal (total = P_j . target scaled like g) "
+            "split exactly into reaches (P_j . g; tc = reaches - c), exposure_budget (removed by "
+            "binding exposure limits and the budget rows) and bounds (on positions at a bound).",
+            "round INTEGER, model_id VARCHAR, total DOUBLE, reaches DOUBLE, "
+            "exposure_budget DOUBLE, bounds DOUBLE, tc DOUBLE",
+            "round model_id",
+        ),
         # Payouts.
         _t(
             "payouts",

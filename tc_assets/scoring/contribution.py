@@ -62,6 +62,8 @@ Engines (`TCSettings.engine`, the `ENGINES` registry; all return a `TCResult`), 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -609,6 +611,42 @@ ENGINES: dict[str, Callable[[_Round, TCSettings], TCResult]] = {
     "leave_one_out": _leave_one_out,
 }
 """Every TC engine by name (`TCSettings.engine`); each returns a `TCResult`."""
+
+
+def tc_summary(
+    result: TCResult, corr: np.ndarray, target: np.ndarray, settings_digest: str
+) -> dict[str, float | int | str]:
+    """The round-level facts of a TC (the `tc_scale` row): kappa, c, passthrough, bag counts,
+    std(TC)/std(CORR) over the models with a CORR, corr(g, centred target)."""
+    both = np.isfinite(corr)
+    ratio = (
+        float(result.tc[both].std(ddof=1) / corr[both].std(ddof=1))
+        if both.sum() > 1 and corr[both].std() > 0
+        else float("nan")
+    )
+    g_corr = (
+        float(np.corrcoef(result.g, target)[0, 1])
+        if result.g is not None and result.g.std() > 0
+        else float("nan")
+    )
+    return {
+        "engine": result.engine,
+        "kappa": result.scale,
+        "c": result.c,
+        "passthrough": result.passthrough,
+        "bags": result.bags,
+        "skipped_bags": len(result.skipped_bags),
+        "untradable_bags": len(result.untradable_bags),
+        "tc_std_over_corr_std": ratio,
+        "g_target_corr": g_corr,
+        "settings_hash": settings_digest,
+    }
+
+
+def settings_hash(*settings: BaseModel) -> str:
+    """A short stable hash of the settings a TC depends on (to compare rounds' TC)."""
+    text = json.dumps([s.model_dump(mode="json") for s in settings], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def true_contribution(
