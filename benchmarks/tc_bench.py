@@ -101,7 +101,7 @@ def _worker(kind: str, data: Path, bags: int, device: str, threads: int | None) 
     """One measurement in this (fresh) process; returns its figures."""
     import torch
 
-    from tc_assets.scoring.contribution import TCSettings, dropout_masks, true_contribution
+    from tc_assets.scoring.contribution import TCSettings, round_masks, true_contribution
     from tc_assets.scoring.optimizer import build_spec
 
     z = np.load(data)
@@ -136,19 +136,19 @@ def _worker(kind: str, data: Path, bags: int, device: str, threads: int | None) 
         if device == "cuda":
             out["gpu_peak_bytes"] = int(torch.cuda.max_memory_allocated())
     else:
-        from tc_assets.scoring._tc_reference import _layer_returns, build_layer, solver_args
+        from tc_assets.scoring._tc_reference import _layer_bag, build_layer, solver_args
 
-        masks = dropout_masks(p.shape[1], bags, settings.dropout, settings.seed, True)
+        mask = round_masks(stakes, settings)[0]
         start = time.perf_counter()
         layer = build_layer(spec)
         built = time.perf_counter()
         t = torch.as_tensor(target - target.mean())
-        grad, ret = _layer_returns(
+        grad, *_, ret, _ = _layer_bag(
             layer,
             torch.as_tensor(p),
             stakes,
             t,
-            masks[:1],
+            mask,
             1.0 - settings.dropout,
             solver_args(settings),
         )
@@ -156,8 +156,8 @@ def _worker(kind: str, data: Path, bags: int, device: str, threads: int | None) 
         out = base | {
             "build_s": built - start,
             "per_bag_s": done - built,
-            "bag0_raw": (grad[0] * stakes.sum()).tolist(),
-            "bag0_return": float(ret[0]),
+            "bag0_raw": (grad * stakes.sum()).tolist(),
+            "bag0_return": ret,
         }
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out

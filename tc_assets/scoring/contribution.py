@@ -83,6 +83,7 @@ __all__ = [
     "TCResult",
     "TCSettings",
     "dropout_masks",
+    "round_masks",
     "true_contribution",
 ]
 
@@ -320,14 +321,14 @@ def dropout_masks(
     return masks
 
 
-def _round_masks(rnd: _Round, settings: TCSettings) -> np.ndarray:
-    """The round's (bags, models) keep masks, drawn for the staked models in column order.
+def round_masks(stakes: np.ndarray, settings: TCSettings) -> np.ndarray:
+    """A round's (bags, models) keep masks, drawn for the staked models in column order.
 
     A zero-stake model has no weight to drop (its mask is False and changes nothing), so adding
     or removing one leaves every bag, and every other model's TC, exactly as it was.
     """
-    staked = rnd.stakes > 0
-    masks = np.zeros((settings.bags, rnd.p.shape[1]), dtype=bool)
+    staked = np.asarray(stakes) > 0
+    masks = np.zeros((settings.bags, staked.size), dtype=bool)
     masks[:, staked] = dropout_masks(
         int(staked.sum()), settings.bags, settings.dropout, settings.seed, settings.antithetic
     )
@@ -493,7 +494,7 @@ def _bagged(bag_engine: BagEngine) -> Callable[[_Round, TCSettings], TCResult]:
 
     def run(rnd: _Round, settings: TCSettings) -> TCResult:
         full = _solve_full(rnd, settings)
-        masks = _round_masks(rnd, settings)
+        masks = round_masks(rnd.stakes, settings)
         kept = masks @ rnd.stakes
         solved = np.flatnonzero(kept > 0)
         bags_start = time.perf_counter()
