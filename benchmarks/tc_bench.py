@@ -143,7 +143,7 @@ def _worker(kind: str, data: Path, bags: int, device: str, threads: int | None) 
         layer = build_layer(spec)
         built = time.perf_counter()
         t = torch.as_tensor(target - target.mean())
-        grad, *_, ret, _ = _layer_bag(
+        grad, _, _, _, ret, *_ = _layer_bag(
             layer,
             torch.as_tensor(p),
             stakes,

@@ -571,6 +571,13 @@ class DualNewtonSolver:
             out[sl].scatter_add_(1, sub.stock, h * sub.sign / self.gamma)
         return out[:, : self.n]
 
+    def bound(self, batch: DualBatch) -> torch.Tensor:
+        """(B, n) True where a stock is free on neither side: at 0, at its cap, or capped at 0."""
+        st = batch.state
+        free_l = (st.a_l > 0) & (st.a_l < self.gu)
+        free_s = (st.a_s > 0) & (st.a_s < self.gu)
+        return ~(free_l | free_s)
+
     def jacobian_trace(self, batch: DualBatch, i: int = 0) -> float:
         """tr(dw*/dx) at row i: the optimizer's total gain from signal to weights,
 

@@ -26,6 +26,9 @@ from cvxpylayers.torch import CvxpyLayer
 from tc_assets.scoring.contribution import BagGradients, TCSettings
 from tc_assets.scoring.optimizer import PortfolioSolveError, PortfolioSpec, build_cvxpy_problem
 
+BOUND_TOL = 1e-6
+"""A reference solution's position within this share of its cap from 0 or the cap is at a bound."""
+
 
 def solver_args(settings: TCSettings, tighten: int = 0) -> dict[str, Any]:
     """diffcp/solver keyword arguments; tighten=1 is the retry (100x tighter, 10x iterations,
@@ -70,7 +73,8 @@ def _layer_bag(
     """Forward + backward for one bag, as the published code does it: the dropped-out stakes
     are the leaf (the linear layer's weights), so every model, kept or dropped, gets dR/dw.
 
-    Returns (dR/dw (models,), S_b, dR/dx (stocks,), x (stocks,), R, max_i min(l_i, s_i)).
+    Returns (dR/dw (models,), S_b, dR/dx (stocks,), x (stocks,), R, max_i min(l_i, s_i),
+    (stocks,) long and short positions).
     """
     weights = torch.tensor((stakes * mask / keep)[None, :], dtype=torch.float64, requires_grad=True)
     total = weights.sum(dim=1, keepdim=True)
@@ -87,6 +91,8 @@ def _layer_bag(
         x[0].detach().numpy().copy(),
         float(r[0]),
         float(torch.minimum(long, short).max()),
+        long[0].detach().numpy().copy(),
+        short[0].detach().numpy().copy(),
     )
 
 
@@ -132,7 +138,10 @@ def reference_bags(
         if status:
             raise PortfolioSolveError(label, "unbagged gradient" if bag < 0 else bag, status)
         results.append(out)
-    grad, s_b, v, x, r, overlap = (np.array(col) for col in zip(*results, strict=True))
+    grad, s_b, v, x, r, overlap, long, short = (np.array(col) for col in zip(*results, strict=True))
+    # A position is free strictly inside (0, cap), up to the solver's accuracy.
+    tol = BOUND_TOL * spec.caps
+    free = ((long > tol) & (long < spec.caps - tol)) | ((short > tol) & (short < spec.caps - tol))
 
     def rows(sl: slice) -> BagGradients:
         return BagGradients(
@@ -142,6 +151,7 @@ def reference_bags(
             x=x[sl],
             returns=r[sl],
             overlap=overlap[sl],
+            bound=~free[sl],
             iterations=None,
             kkt=float("nan"),
         )

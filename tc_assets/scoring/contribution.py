@@ -80,10 +80,15 @@ __all__ = [
     "ENGINES",
     "SPLIT_TOL",
     "BagGradients",
+    "TCAttribution",
     "TCResult",
     "TCSettings",
+    "candidate_tc",
     "dropout_masks",
     "round_masks",
+    "settings_hash",
+    "tc_attribution",
+    "tc_summary",
     "true_contribution",
 ]
 
@@ -210,6 +215,9 @@ class TCResult:
         target_std: std(t).
         g: (stocks,) TC's weight on each stock's rank, and c its offset: tc = P' g - c
             (None and NaN for leave-one-out).
+        target_g: (stocks,) the centred target scaled like g (g where every position were
+            free: mean_b (S / S_b) t / (gamma kappa)); bound_g: its part on positions at a
+            bound (see `tc_attribution`). None for leave-one-out.
         portfolio: the full-stake meta portfolio; realized_return: its R = w . t.
         bag_returns: (bags used,) R of each bag's portfolio.
         iterations: (bags solved,) dual Newton iterations per bag (fast and leave-one-out
@@ -234,6 +242,8 @@ class TCResult:
     target_std: float
     g: np.ndarray | None
     c: float
+    target_g: np.ndarray | None
+    bound_g: np.ndarray | None
     portfolio: PortfolioSolution
     realized_return: float
     bag_returns: np.ndarray
@@ -275,6 +285,8 @@ class BagGradients:
         x: (rows, stocks) the bag's meta model.
         returns: (rows,) R = t . w* of the bag's portfolio.
         overlap: (rows,) max_i min(long_i, short_i) of the bag's portfolio.
+        bound: (rows, stocks) True where the stock is at a bound on both sides (0, its cap, or
+            a zero cap for zero liquidity): nothing of the signal there moves the portfolio.
         iterations: (rows,) solver iterations, None when the engine has none to report.
         kkt: largest KKT residual (NaN when the engine has none to report).
     """
@@ -285,6 +297,7 @@ class BagGradients:
     x: np.ndarray
     returns: np.ndarray
     overlap: np.ndarray
+    bound: np.ndarray
     iterations: np.ndarray | None
     kkt: float
 
@@ -298,6 +311,7 @@ class BagGradients:
             self.x[keep],
             self.returns[keep],
             self.overlap[keep],
+            self.bound[keep],
             its,
             self.kkt,
         )
@@ -421,6 +435,7 @@ def _gradients(
         x=batch.x.cpu().numpy(),
         returns=(batch.weights @ t).cpu().numpy(),
         overlap=torch.minimum(st.long, st.short).amax(dim=1).cpu().numpy(),
+        bound=solver.bound(batch).cpu().numpy(),
         iterations=batch.iterations.numpy().copy(),
         kkt=float(batch.kkt.max()),
     )
@@ -523,6 +538,10 @@ def _bagged(bag_engine: BagEngine) -> Callable[[_Round, TCSettings], TCResult]:
             target_std=float(rnd.t.std()),
             g=(used.weight[:, None] * used.v).mean(axis=0) / kappa,
             c=float((used.weight * (used.x * used.v).sum(axis=1)).mean()) / kappa,
+            target_g=float(used.weight.mean()) * rnd.t / (rnd.spec.gamma * kappa),
+            bound_g=(used.weight[:, None] * used.bound).mean(axis=0)
+            * rnd.t
+            / (rnd.spec.gamma * kappa),
             portfolio=full.portfolio,
             realized_return=full.portfolio.realized_return(rnd.t),
             bag_returns=used.returns,
@@ -594,6 +613,8 @@ def _leave_one_out(rnd: _Round, settings: TCSettings) -> TCResult:
         target_std=float(rnd.t.std()),
         g=None,
         c=float("nan"),
+        target_g=None,
+        bound_g=None,
         portfolio=full.portfolio,
         realized_return=r_full,
         bag_returns=np.zeros(0),
@@ -648,6 +669,51 @@ def settings_hash(*settings: BaseModel) -> str:
     """A short stable hash of the settings a TC depends on (to compare rounds' TC)."""
     text = json.dumps([s.model_dump(mode="json") for s in settings], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TCAttribution:
+    """Why each model's TC is what it is (each (models,), in P's column order).
+
+    total = P_j . target_g: the model's raw signal, the centred target scaled like g (what TC
+    would be, before the meta model's offset c, if every position were free and nothing were
+    projected out). It splits exactly into
+      reaches = P_j . g: the part that reaches the portfolio; TC = reaches - c;
+      exposure_budget = P_j . (target_g - g - bound_g): removed on free positions by the
+        binding exposure limits and the two budget rows (the projection in dw*/dx);
+      bounds = P_j . bound_g: on positions at a bound in the bags (at their cap, with zero
+        liquidity, or not held at all), where the signal moves nothing.
+    """
+
+    total: np.ndarray
+    reaches: np.ndarray
+    exposure_budget: np.ndarray
+    bounds: np.ndarray
+    tc: np.ndarray
+
+
+def tc_attribution(p: np.ndarray, result: TCResult) -> TCAttribution:
+    """Split each model's raw signal into what reaches the portfolio, what the exposure and
+    budget rows remove, and what sits on positions at a bound (bagged engines only)."""
+    if result.g is None or result.target_g is None or result.bound_g is None:
+        raise ValueError(f"TC attribution needs a bagged engine, not {result.engine!r}")
+    p = np.asarray(p, dtype=np.float64)
+    reaches = p.T @ result.g
+    return TCAttribution(
+        total=p.T @ result.target_g,
+        reaches=reaches,
+        exposure_budget=p.T @ (result.target_g - result.g - result.bound_g),
+        bounds=p.T @ result.bound_g,
+        tc=reaches - result.c,
+    )
+
+
+def candidate_tc(p: np.ndarray, g: np.ndarray, c: float) -> np.ndarray:
+    """Exact TC of candidate signals against a scored round: (stocks,) -> scalar, or
+    (stocks, candidates) -> (candidates,). P is the candidates' gaussianized ranks on the
+    round's ids; a candidate entering with zero stake changes no bag, so this is the TC it would
+    get if it had been in the round (one matrix product for every candidate)."""
+    return np.asarray(p, dtype=np.float64).T @ np.asarray(g, dtype=np.float64) - c
 
 
 def true_contribution(
