@@ -156,6 +156,33 @@ def cmd_bucket_per_return(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score_candidate(args: argparse.Namespace) -> int:
+    import json
+
+    from tc_assets.candidates import score_candidate
+    from tc_assets.runner import parse_rounds
+
+    scores = score_candidate(
+        args.warehouse, parse_rounds(args.rounds), args.predictions, args.source
+    )
+    for row in scores.rejections.itertuples():
+        print(f"round {row.round}: {row.candidate} rejected ({row.rule}): {row.reason}")
+    if len(scores.rounds):
+        print(scores.rounds.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print()
+        print(scores.summary.T.to_string(float_format=lambda v: f"{v:.4f}"))
+    else:
+        print("no candidate scored in those rounds")
+    if args.json:
+        doc = {
+            "rounds": scores.rounds.to_dict("records"),
+            "summary": scores.summary.reset_index().to_dict("records"),
+            "rejections": scores.rejections.to_dict("records"),
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=2, default=float))
+    return 0 if len(scores.rounds) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tc-platform", description="Score a stock-prediction tournament round by round."
@@ -207,6 +234,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     u.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to mark failed")
     u.set_defaults(func=cmd_unblock)
+
+    s = sub.add_parser(
+        "score-candidate",
+        help="exact TC, CORR, MMC, FNCv3 and max feature exposure of candidate signals over "
+        "scored rounds",
+    )
+    s.add_argument("--warehouse", required=True, help="DuckDB file of scored rounds")
+    s.add_argument("--rounds", required=True, help="round range, e.g. 1-8")
+    s.add_argument(
+        "--predictions",
+        required=True,
+        help="a file (id, prediction; or id and one column per candidate), a folder of "
+        "<round>.csv|parquet, or a folder of such folders (one candidate each)",
+    )
+    s.add_argument("--source", help="round source for the features (default: each round's own)")
+    s.add_argument("--json", help="also write the tables to this JSON file")
+    s.set_defaults(func=cmd_score_candidate)
 
     d = sub.add_parser("demo", help="generate rounds, run them, print the results")
     d.add_argument("--rounds", default=DEMO_ROUNDS, help=f"default {DEMO_ROUNDS}")

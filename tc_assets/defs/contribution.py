@@ -5,6 +5,8 @@ features and liquidity. They need the resolved target (the portfolio's realized 
 TC = dR/dstake), so they are skipped, not failed, until the round resolves.
 """
 
+from pathlib import Path
+
 import dagster as dg
 import numpy as np
 import pandas as pd
@@ -13,12 +15,14 @@ from tc_assets.defs.checks import check_finite, round_check
 from tc_assets.defs.config import TCConfig, settings_of
 from tc_assets.defs.metadata import markdown_table, timer
 from tc_assets.defs.partitions import round_asset, round_failure, round_of
+from tc_assets.defs.plots import attribution_figure, plot_metadata
 from tc_assets.defs.resources import WarehouseResource
 from tc_assets.io.contract import RETURN_COLUMN
 from tc_assets.scoring.contribution import (
     TCResult,
     TCSettings,
     settings_hash,
+    tc_attribution,
     tc_summary,
     true_contribution,
 )
@@ -38,6 +42,7 @@ from tc_assets.scoring.optimizer import (
 GROUP = "contribution"
 KINDS = {"torch", "duckdb"}
 CONSTRAINT_TOL = 1e-7
+PLOT_DIR = "tc_attribution_plots"
 
 
 def round_spec(
@@ -223,19 +228,46 @@ def tc_scores(
     corr = model_metrics["corr"].reindex(preds.columns).to_numpy(dtype=np.float64)
     digest = settings_hash(settings, settings_of(optimizer, OptimizerSettings))
     summary = tc_summary(result, corr, target, digest)
-    warehouse.get().write_round(r, _tc_tables(result, scores, summary, universe.index))
+    parts = _attribution_table(p, result, preds.columns)
+    warehouse.get().write_round(r, _tc_tables(result, scores, summary, parts, universe.index))
     metadata = _tc_metadata(result, scores, stake, rank_seconds=t_rank["seconds"])
-    return dg.Output(scores, metadata={"round": r, **metadata, **summary})
+    plot = _attribution_plot(parts, stake, Path(warehouse.directory) / PLOT_DIR / f"round_{r}.png")
+    return dg.Output(scores, metadata={"round": r, **metadata, **summary, **plot})
 
 
 def _tc_tables(
-    result: TCResult, scores: pd.DataFrame, summary: dict, ids: pd.Index
+    result: TCResult, scores: pd.DataFrame, summary: dict, parts: pd.DataFrame, ids: pd.Index
 ) -> dict[str, pd.DataFrame]:
-    """The round's rows of `tc_scores`, `tc_scale` and `tc_vectors`."""
+    """The round's rows of `tc_scores`, `tc_scale`, `tc_vectors` and `tc_attribution` (the
+    last two are empty for leave-one-out, which has no bags)."""
+    g = result.g if result.g is not None else np.zeros(0)
     return {
         "tc_scores": scores.reset_index(),
         "tc_scale": pd.DataFrame([summary]),
-        "tc_vectors": pd.DataFrame({"id": ids.to_numpy(), "g": result.g}),
+        "tc_vectors": pd.DataFrame({"id": ids.to_numpy()[: g.size], "g": g}),
+        "tc_attribution": parts.reset_index(),
+    }
+
+
+def _attribution_table(p: np.ndarray, result: TCResult, models: pd.Index) -> pd.DataFrame:
+    """`tc_attribution` (index model_id): total = reaches + exposure_budget + bounds."""
+    columns = ["total", "reaches", "exposure_budget", "bounds", "tc"]
+    index = pd.Index(models, name="model_id")
+    if result.g is None:
+        return pd.DataFrame(columns=columns, index=index[:0], dtype=float)
+    parts = tc_attribution(p, result)
+    return pd.DataFrame({name: getattr(parts, name) for name in columns}, index=index)
+
+
+def _attribution_plot(parts: pd.DataFrame, stake: pd.Series, path: Path) -> dict:
+    """The parts of the 20 largest stakes' signals as a plot, and the top and bottom 5 by TC."""
+    if parts.empty:
+        return {}
+    top = parts.loc[stake.reindex(parts.index).nlargest(20).index]
+    ranked = parts.sort_values("tc", ascending=False).round(4).reset_index()
+    return {
+        **plot_metadata(attribution_figure(top), path, "attribution_plot", "TC attribution"),
+        "attribution_top_bottom": markdown_table(pd.concat([ranked.head(5), ranked.tail(5)])),
     }
 
 

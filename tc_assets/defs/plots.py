@@ -74,6 +74,35 @@ def capacity_figure(curves: pd.DataFrame, table: pd.DataFrame, fund_lmv: float, 
     return fig
 
 
+# --- TC attribution ----------------------------------------------------------------------------
+
+
+def attribution_figure(parts: pd.DataFrame) -> Figure:
+    """Each model's raw signal split into what reaches the portfolio, what the exposure limits
+    and budget rows remove, and what sits on positions at a bound; its TC marked."""
+    fig = Figure(figsize=(8, 0.3 * len(parts) + 1.5), dpi=80)
+    ax = fig.add_subplot()
+    y = np.arange(len(parts))
+    left_pos, left_neg = np.zeros(len(parts)), np.zeros(len(parts))
+    for name, color in (
+        ("reaches", "tab:green"),
+        ("exposure_budget", "tab:orange"),
+        ("bounds", "tab:grey"),
+    ):
+        v = parts[name].to_numpy()
+        left = np.where(v >= 0, left_pos, left_neg)
+        ax.barh(y, v, left=left, color=color, label=name.replace("_", " and "))
+        left_pos, left_neg = left_pos + np.maximum(v, 0), left_neg + np.minimum(v, 0)
+    ax.plot(parts["tc"], y, "k|", markersize=12, label="TC (reaches - c)")
+    ax.set_yticks(y, parts.index, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_xlabel("share of the raw signal (target units scaled like TC)")
+    ax.set_title("Where each model's signal goes (20 largest stakes)")
+    ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
 # --- the TC proxy model ---------------------------------------------------------------------
 
 
