@@ -108,6 +108,27 @@ def proxy_importance(warehouse: Warehouse, window_end: int) -> tuple[pd.DataFram
     return terms, fit.iloc[0]
 
 
+def tc_attribution_report(warehouse: Warehouse, round_number: int, n: int = 5) -> pd.DataFrame:
+    """Why TC is what it is: the n models with the highest CORR and the n with the highest TC,
+    each model's raw signal split into what reaches the portfolio, what the exposure limits and
+    budget rows remove, and what sits on positions at a bound (`tc_attribution`)."""
+    return warehouse.query(
+        """
+        WITH parts AS (
+            SELECT a.model_id AS model, m.corr, m.max_feature_exposure AS max_exposure, a.tc,
+                   a.total, a.reaches, a.exposure_budget, a.bounds,
+                   row_number() OVER (ORDER BY m.corr DESC) AS corr_rank,
+                   row_number() OVER (ORDER BY a.tc DESC) AS tc_rank
+            FROM tc_attribution a JOIN model_metrics m USING (round, model_id)
+            WHERE a.round = ?
+        )
+        SELECT * EXCLUDE (corr_rank, tc_rank), corr_rank, tc_rank FROM parts
+        WHERE corr_rank <= ? OR tc_rank <= ? ORDER BY corr DESC
+        """,
+        [int(round_number), n, n],
+    )
+
+
 def print_demo_report(warehouse_path: str, rounds: Sequence[int]) -> None:
     """Print what a newcomer should see after the demo."""
     wh = Warehouse(warehouse_path)
@@ -136,6 +157,14 @@ def print_demo_report(warehouse_path: str, rounds: Sequence[int]) -> None:
         "payout first; ranks by tc and by payout)"
     )
     print(board.to_string(**fmt))
+    parts = tc_attribution_report(wh, max(paid))
+    if len(parts):
+        print(
+            f"\nWhy TC is what it is, round {max(paid)} (table tc_attribution: each model's raw "
+            "signal = reaches + exposure_budget + bounds, tc = reaches - c; the top 5 by corr "
+            "and by tc)"
+        )
+        print(parts.to_string(**fmt))
     reputation = model_reputation(wh, max(paid))
     if reputation is not None and len(reputation):
         shown = 20
