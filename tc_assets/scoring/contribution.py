@@ -477,7 +477,7 @@ def _scale(rnd: _Round, bags: BagGradients, what: str) -> tuple[float, float]:
     """(kappa, passthrough) from the used bags; raises when no bag passes any target through."""
     sensitivity = bags.weight * (bags.v @ rnd.t)
     ceiling = float(bags.weight.mean()) * float(rnd.t @ rnd.t) / rnd.spec.gamma
-    passthrough = float(sensitivity.mean()) / ceiling if bags.weight.size else 0.0
+    passthrough = float(sensitivity.mean()) / ceiling
     if not passthrough > PASSTHROUGH_MIN:
         raise ValueError(
             f"round {rnd.label}: TC is undefined: the optimizer passes none of the target to "
