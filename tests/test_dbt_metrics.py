@@ -64,7 +64,9 @@ def round_rows(frame: pd.DataFrame, r: int) -> pd.DataFrame:
 
 
 def copy_warehouse(src: str, dst_dir: Path) -> Path:
-    dst = dst_dir / "copy.duckdb"
+    """A copy under the same file name: dbt's views name the file's catalog (its stem)."""
+    dst = dst_dir / "copy" / Path(src).name
+    dst.parent.mkdir()
     shutil.copy(src, dst)
     if Path(src + ".wal").exists():
         shutil.copy(src + ".wal", str(dst) + ".wal")

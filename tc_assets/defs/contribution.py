@@ -204,10 +204,9 @@ def tc_scores(
     model_metrics: pd.DataFrame,
     warehouse: WarehouseResource,
 ) -> dg.Output[pd.DataFrame]:
-    """True Contribution of every model with a valid submission, staked or not (index:
-    model_id; tc, tc_std across bags, bags): the gradient of the optimized meta portfolio's
-    return with respect to the model's weight in the meta model, averaged over dropout bags.
-    Also writes the round's `tc_scale` row and `tc_vectors` (TC_j = P_j . g - c)."""
+    """TC of every model with a valid submission, staked or not (index model_id; tc, tc_std,
+    bags), as the README defines it; also the round's `tc_scale`, `tc_vectors` (TC_j =
+    P_j . g - c) and `tc_attribution`."""
     r = round_of(context)
     settings = settings_of(config, TCSettings)
     spec = optimizer.round_spec(universe, round_info, market)
@@ -217,8 +216,7 @@ def tc_scores(
     with timer() as t_rank:
         p = prediction_matrix(preds.to_numpy(dtype=np.float64))
     context.log.info(
-        f"round {r}: TC of {p.shape[1]} models over {p.shape[0]} stocks, "
-        f"{settings.bags} bags, engine {settings.engine}"
+        f"round {r}: TC of {p.shape[1]} models, {settings.bags} bags, {settings.engine}"
     )
     try:
         result = true_contribution(p, stake.to_numpy(), target, spec, settings, label=str(r))
