@@ -10,15 +10,16 @@ Analysts own the SQL (staging views, the marts `round_leaderboard`, `model_reput
 * each dbt source declares, in `meta.dagster.asset_key`, the Python asset that writes its table,
   so the dbt models are drawn downstream of the Python assets and run after them in the same
   `score_round` run (skipped with them while the round awaits resolution);
-* a run of round R is `dbt build --vars '{"round": R}'`: incremental marts delete and re-insert
-  round R only (config `full_refresh`: every round), and every dbt test runs (a failing test
-  fails the step; tests on models are asset checks). dbt writes the file of the `warehouse`
+* a run of round R is `dbt build` with TC_DBT_ROUND=R (by hand: `--vars '{"round": R}'`):
+  incremental marts delete and re-insert round R only (config `full_refresh`: every round),
+  and every dbt test runs (a failing test fails the step; tests on models are asset checks).
+  The round is not a `--vars` and dbt's parse of the project is kept beside the warehouse
+  (`dbt/partial_parse.msgpack`), so a round's build does not parse the whole project again. dbt writes the file of the `warehouse`
   resource (passed in TC_WAREHOUSE, which profiles.yml reads), inside the writers' pool, so it
   never meets a Python writer.
 """
 
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -49,6 +50,10 @@ from tc_assets.io.warehouse import WarehouseError
 GROUP = "reporting"
 DBT_PROJECT_DIR = Path(__file__).resolve().parents[2] / "dbt_metrics"
 WAREHOUSE_ENV = "TC_WAREHOUSE"  # read by dbt_metrics/profiles.yml
+ROUND_ENV = "TC_DBT_ROUND"  # the round a build rebuilds (dbt_metrics/macros/run_round.sql)
+PARTIAL_PARSE = "partial_parse.msgpack"
+# dbt's parse of the project for one warehouse, kept beside it between rounds' builds.
+PARTIAL_PARSE_CACHE = f"dbt/{PARTIAL_PARSE}"
 MANIFEST_COMMAND = "make dbt-manifest  (or: cd dbt_metrics && dbt parse)"
 
 # What the UI shows of a mart's round: columns, and the ranking column to sort by.
@@ -214,6 +219,26 @@ def _round_metadata(
     return out
 
 
+def _reuse_parse(warehouse: Path, target: Path) -> Path:
+    """Give this build the parse kept for `warehouse` (if any); returns where it is kept."""
+    cache = warehouse.parent / PARTIAL_PARSE_CACHE
+    if cache.exists():
+        shutil.copy(cache, target / PARTIAL_PARSE)
+    return cache
+
+
+def _keep_parse(produced: Path, cache: Path) -> None:
+    """Keep the parse dbt just made for the next round's build of this warehouse. The round is
+    passed in ROUND_ENV, not `--vars`, and the warehouse path stays the same, so the next build
+    reuses it (a changed var or profile would make dbt parse the whole project again)."""
+    if not produced.exists():
+        return
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+    shutil.copy(produced, tmp)
+    os.replace(tmp, cache)
+
+
 def _unique_id(event: Any) -> str | None:
     """The dbt unique_id of a model's Output event, None for any other event."""
     if isinstance(event, dg.Output) and "unique_id" in event.metadata:
@@ -269,25 +294,25 @@ def _build_round(
     warehouse: WarehouseResource,
 ) -> Iterator[Any]:
     """The body of `dbt_metrics`: `dbt build` of the selected models and their tests for the
-    round (`--vars round`), or of every round with `full_refresh`.
+    round (ROUND_ENV), or of every round with `full_refresh`.
 
     Events are collected while dbt runs and yielded when it exits: the warehouse file is dbt's
     until then, and each model's materialization carries its rows of the round (and the top of
     each mart), read afterwards.
     """
     r = round_of(context)
-    path = str(Path(warehouse.path).expanduser().resolve())
+    path = Path(warehouse.path).expanduser().resolve()
     # This invocation's artifacts (run_results.json, dbt.log): kept only if the build fails.
     target = Path(tempfile.mkdtemp(prefix=f"dbt_metrics_round_{r}_"))
-    args = ["build", "--vars", json.dumps({"round": r})]
-    if config.full_refresh:
-        args.append("--full-refresh")
+    parsed = _reuse_parse(path, target)
+    args = ["build", *(["--full-refresh"] if config.full_refresh else [])]
     wait_for_lock(warehouse)  # dbt's own connect retries then only cover a moment
     # No colour codes in dbt's output: it ends up in failure messages, logs and the terminal.
-    with _environment({WAREHOUSE_ENV: path, "DBT_USE_COLORS": "false"}):
+    with _environment({WAREHOUSE_ENV: str(path), ROUND_ENV: str(r), "DBT_USE_COLORS": "false"}):
         invocation = dbt.cli(args, context=context, raise_on_error=False, target_path=target)
     events = list(invocation.stream())
     error = invocation.get_error()
+    _keep_parse(target / PARTIAL_PARSE, parsed)
     built = {
         uid: invocation.manifest["nodes"][uid]
         for uid in (_unique_id(e) for e in events)
@@ -325,7 +350,7 @@ def build_defs() -> dg.Definitions:
         dbt: DbtCliResource,
         warehouse: WarehouseResource,
     ) -> Iterator[Any]:
-        """`dbt build` of the selected models and their tests for the round (`--vars round`),
+        """`dbt build` of the selected models and their tests for the round (TC_DBT_ROUND),
         or of every round with `full_refresh`."""
         yield from _build_round(context, config, dbt, warehouse)
 

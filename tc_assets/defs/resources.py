@@ -4,7 +4,6 @@ per deployment."""
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from dagster_aws.s3.io_manager import PickledObjectS3IOManager
 from pydantic import Field
 from upath import UPath
 
+from tc_assets.io import values
 from tc_assets.io.s3_source import (
     DEFAULT_MAX_ATTEMPTS,
     ENDPOINT_ENV,
@@ -112,8 +112,9 @@ def _never_produced(context: dg.InputContext) -> dg.Failure:
 
 
 class _RoundValues(dg.UPathIOManager):
-    """One pickle per asset and partition under `base_dir` (`<asset>/<round>`); a missing
-    upstream value is a clear error."""
+    """One file per asset and partition under `base_dir` (`<asset>/<round>`) in the format of
+    `io/values.py` (a float64 matrix memory-mapped, anything else pickled), written atomically;
+    a missing upstream value is a clear error."""
 
     extension = ""
 
@@ -121,12 +122,10 @@ class _RoundValues(dg.UPathIOManager):
         super().__init__(base_path=UPath(base_dir))
 
     def dump_to_path(self, context: dg.OutputContext, obj: Any, path: UPath) -> None:
-        with path.open("wb") as file:
-            pickle.dump(obj, file, pickle.HIGHEST_PROTOCOL)
+        values.save(obj, path.path)
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> Any:
-        with path.open("rb") as file:
-            return pickle.load(file)
+        return values.load(path.path)
 
     def load_input(self, context: dg.InputContext) -> object:
         try:
@@ -146,7 +145,7 @@ class _S3RoundValues(PickledObjectS3IOManager):
 
 
 class RoundStorage(dg.FilesystemIOManager):
-    """Where the assets' values live between steps and runs: one pickle per asset and round
+    """Where the assets' values live between steps and runs: one file per asset and round
     under `base_dir`. Loading a value that was never produced (an asset materialized alone
     before its inputs, or before the round resolved) fails with a message, not a stack trace."""
 

@@ -241,7 +241,18 @@ def validate_stakes(
     counts = ids.value_counts()
     numeric = {c: pd.to_numeric(df[c], errors="coerce") for c in STAKE_COLUMNS[1:]}
     allowed = {"corr_multiplier": allowed_corr_multipliers, "tc_multiplier": allowed_tc_multipliers}
-    for i in range(len(df)):
+    # Only rows a vectorized pass flags are examined one by one (and worded) below.
+    text = ids.fillna("")
+    flagged = (
+        ids.isna() | ~text.str.fullmatch(MODEL_ID_PATTERN.pattern) | ids.duplicated(keep=False)
+    )
+    for col in STAKE_COLUMNS[1:]:
+        v = numeric[col].to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = ~np.isfinite(v) | (v < 0)
+        if allowed.get(col) is not None:
+            bad |= ~np.any(np.abs(v[:, None] - np.array(allowed[col])[None, :]) <= 1e-12, axis=1)
+        flagged |= bad
+    for i in np.flatnonzero(flagged.to_numpy(dtype=bool)):
         row_problems: list[str] = []
         model_id = ids.iloc[i]
         if pd.isna(model_id) or not is_valid_model_id(str(model_id)):
