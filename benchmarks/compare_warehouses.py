@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import duckdb
 import pandas as pd
@@ -30,7 +31,9 @@ def tables(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 
 def content(con: duckdb.DuckDBPyConnection, name: str) -> pd.DataFrame:
-    frame = con.execute(f"SELECT * FROM {name}").df()
+    with warnings.catch_warnings():  # duckdb's own use of a deprecated pandas keyword
+        warnings.simplefilter("ignore")
+        frame = con.execute(f"SELECT * FROM {name}").df()
     frame = frame.drop(columns=[c for c in frame.columns if c in TIMING_COLUMNS])
     return frame.sort_values(list(frame.columns)).reset_index(drop=True)
 
