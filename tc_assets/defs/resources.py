@@ -3,6 +3,7 @@ per deployment."""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,22 @@ class _RoundValues(dg.UPathIOManager):
 
 
 class _S3RoundValues(PickledObjectS3IOManager):
-    """dagster-aws's pickle-per-asset-partition storage on S3; a missing value is a clear error."""
+    """dagster-aws's per-asset-partition storage on S3, in the format of `io/values.py` (a
+    float64 matrix as raw columns viewed in the downloaded bytes, anything else pickled); a
+    missing value is a clear error."""
+
+    def dump_to_path(self, context: dg.OutputContext, obj: Any, path: UPath) -> None:
+        buffer = io.BytesIO()
+        values.write_value(obj, buffer)
+        buffer.seek(0)
+        self.s3.upload_fileobj(buffer, self.bucket, path.as_posix())
+
+    def load_from_path(self, context: dg.InputContext, path: UPath) -> Any:
+        try:
+            body = self.s3.get_object(Bucket=self.bucket, Key=path.as_posix())["Body"].read()
+        except self.s3.exceptions.NoSuchKey:
+            raise FileNotFoundError(f"{self._uri_for_path(path)} not found") from None
+        return values.read_value(body)
 
     def load_input(self, context: dg.InputContext) -> object:
         try:
@@ -156,8 +172,8 @@ class RoundStorage(dg.FilesystemIOManager):
 
 class S3RoundStorage(dg.ConfigurableIOManagerFactory):
     """The assets' values on S3, for runs in separate containers or machines (deploy/): one
-    pickle per asset and round at s3://`s3_bucket`/`s3_prefix`/<asset>/<round>, written and read
-    as dagster-aws's S3PickleIOManager does. A value never produced fails as RoundStorage's."""
+    object per asset and round at s3://`s3_bucket`/`s3_prefix`/<asset>/<round>, in the format of
+    RoundStorage's files. A value never produced fails as RoundStorage's."""
 
     s3_bucket: str = Field(description="Bucket of the values (it must exist).")
     s3_prefix: str = Field(default="", description="Key prefix inside the bucket.")
