@@ -86,6 +86,9 @@ def _handwritten(rnd: Path) -> None:
     _csv(p / f"{'x' * 70}.csv", rows(pred))
     _csv(p / "NA.csv", rows(pred))
     _csv(p / "notes.txt", "not a submission")
+    _csv(p / "hw_upper_suffix.CSV", rows(pred))
+    _csv(p / "hw_dup_columns.csv", rows(pred).replace("id,prediction", "id,id"))
+    _parquet(p / "hw_bools.parquet", {"id": ids, "prediction": np.arange(n) % 2 == 0})
 
     def weights(values, keys=None) -> str:
         keys = ids if keys is None else keys
