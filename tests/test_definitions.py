@@ -117,30 +117,33 @@ def test_resources(defs):
     assert sorted(defs.resources) == ["dbt", "io_manager", "optimizer", "round_source", "warehouse"]
 
 
-def test_import_needs_no_dbt_manifest(tmp_path):
-    """Importing the definitions module builds nothing: it works in a checkout whose dbt
-    project was never parsed, and loading the Definitions then names the command to run."""
+def test_import_needs_no_dbt_manifest_and_loading_parses_it(tmp_path):
+    """Importing the definitions module builds nothing; loading the Definitions where the dbt
+    project was never parsed parses it into the user's cache (not into the package)."""
     package = Path(tc_assets.__file__).parent
-    shutil.copytree(package, tmp_path / "tc_assets", ignore=shutil.ignore_patterns("__pycache__"))
-    repo = Path(tc_assets.__file__).parents[1]
     shutil.copytree(
-        repo / "dbt_metrics", tmp_path / "dbt_metrics", ignore=shutil.ignore_patterns("target")
+        package, tmp_path / "tc_assets", ignore=shutil.ignore_patterns("__pycache__", "target")
     )
     code = (
-        "import tc_assets.defs.definitions as d\n"
-        "try:\n    d.build_definitions(d.PlatformPaths.create('s', 'w.duckdb'))\n"
-        "except Exception as exc:\n    print(type(exc).__name__, exc)\n"
+        "import tc_assets.defs.definitions as d, tc_assets.defs.reporting as r\n"
+        "assert not r.dbt_project.manifest_path.exists()\n"
+        "defs = d.build_definitions(d.PlatformPaths.create('s', 'w.duckdb'))\n"
+        "print(len(defs.resolve_job_def('score_round').asset_layer.selected_asset_keys))\n"
+        "print(r.dbt_project.manifest_path)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=tmp_path,
-        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home")},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("ReportingSetupError") and "dbt parse" in out.stdout
+    count, manifest = out.stdout.split()
+    assert int(count) > 20
+    assert Path(manifest).is_relative_to(tmp_path / "home" / ".cache" / "tc-platform")
+    assert not (tmp_path / "tc_assets" / "dbt_metrics" / "target").exists()
 
 
 def test_functions_in_defs_are_short():

@@ -11,7 +11,7 @@ import pandas as pd
 
 from tc_assets.defs.checks import check_finite, round_check
 from tc_assets.defs.config import TCConfig, settings_of
-from tc_assets.defs.metadata import markdown_table, timer
+from tc_assets.defs.metadata import metadata_table, rounded, timer, warehouse_table
 from tc_assets.defs.partitions import round_asset, round_failure, round_of
 from tc_assets.defs.resources import WarehouseResource
 from tc_assets.io.contract import RETURN_COLUMN
@@ -93,7 +93,7 @@ def meta_portfolio(
         try:
             sol = solve_portfolio(x, spec, label=str(r))
         except PortfolioSolveError as exc:
-            raise round_failure(r, exc) from exc
+            raise round_failure(r, exc) from None
     problem = inexact_split(sol, spec)
     if problem is not None:  # not a tradable portfolio: fail before anything is written
         raise round_failure(r, f"round {r}: {problem}", overlap=sol.long_short_overlap)
@@ -129,7 +129,7 @@ def _solution_metadata(
         "held_long": sol.held_long,
         "held_short": sol.held_short,
         "max_violation": sol.max_violation,
-        "largest_positions": markdown_table(top.reset_index()[["id", "weight", "swmm"]]),
+        "largest_positions": metadata_table(top.reset_index()[["id", "weight", "swmm"]]),
     }
 
 
@@ -210,11 +210,12 @@ def tc_scores(
     try:
         result = true_contribution(p, stake.to_numpy(), target, spec, settings, label=str(r))
     except (PortfolioSolveError, ValueError) as exc:
-        raise round_failure(r, exc) from exc
+        raise round_failure(r, exc) from None
     scores = _scores_table(result, preds.columns)
-    warehouse.get().write_round(r, {"tc_scores": scores.reset_index()})
+    counts = warehouse.get().write_round(r, {"tc_scores": scores.reset_index()})
     metadata = _tc_metadata(result, scores, stake, rank_seconds=t_rank["seconds"])
-    return dg.Output(scores, metadata={"round": r, **metadata})
+    table = warehouse_table("tc_scores", counts["tc_scores"])
+    return dg.Output(scores, metadata={"round": r, **table, **rounded(metadata)})
 
 
 def _scores_table(result: TCResult, models: pd.Index) -> pd.DataFrame:
@@ -253,8 +254,8 @@ def _tc_metadata(
         "corr_with_unbagged_gradient": unbagged,
         "scale_kappa": result.scale,
         "meta_portfolio_R": result.realized_return,
-        "top_tc": markdown_table(ranked.head(10)),
-        "bottom_tc": markdown_table(ranked.tail(10)),
+        "top_tc": metadata_table(ranked.head(10)),
+        "bottom_tc": metadata_table(ranked.tail(10)),
     }
 
 

@@ -320,7 +320,7 @@ def _round_errors(r: int) -> Iterator[None]:
     except SourceUnavailable:
         raise
     except (SourceError, c.RoundInputError) as exc:
-        raise c.RoundInputError(f"round {r}: {exc}") from exc
+        raise c.RoundInputError(f"round {r}: {exc}", getattr(exc, "rows", None)) from exc
 
 
 def ingest_round(
