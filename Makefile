@@ -50,6 +50,11 @@ rescore: install
 	TC_HOME=$(TC_HOME) DAGSTER_HOME=$(DAGSTER_HOME) $(VENV)/bin/dagster job backfill \
 		-w workspace.yaml -j score_round --all all --noprompt
 
+## Screenshots of the UI over the demo for the README (headless Chromium: Debian's `chromium`).
+screenshots: install
+	test -f $(TC_HOME)/demo/warehouse.duckdb || $(MAKE) demo
+	TC_HOME=$(TC_HOME) DAGSTER_HOME=$(DAGSTER_HOME) $(PY) scripts/screenshots.py
+
 lint: install-test
 	$(VENV)/bin/ruff check tc_assets tests benchmarks
 	$(VENV)/bin/ruff format --check tc_assets tests benchmarks

@@ -65,7 +65,7 @@ def warehouse_table(name: str, rows: int) -> dict[str, Any]:
     return {
         "dagster/table_name": f"warehouse.main.{name}",
         "dagster/row_count": dg.MetadataValue.int(int(rows)),
-        "dagster/column_schema": dg.TableSchema(columns=columns, description=spec.description),
+        "dagster/column_schema": dg.TableSchema(columns=columns),
     }
 
 
