@@ -83,10 +83,24 @@ def test_every_asset_is_partitioned_by_round(defs):
 def test_asset_checks(defs):
     graph = defs.resolve_asset_graph()
     checks = sorted(f"{k.asset_key.to_user_string()}:{k.name}" for k in graph.asset_check_keys)
-    python = [c for c in checks if not c.startswith(("staging/", "reporting/"))]
+    on_python = [c for c in checks if not c.startswith(("staging/", "reporting/"))]
+    python = [c for c in on_python if ":source_" not in c]
     assert python == PYTHON_CHECKS
     # Every dbt test on a model is an asset check of that model (not_null, unique, ranges...).
-    assert len(checks) - len(python) >= 20
+    assert len(checks) - len(on_python) >= 20
+    # Every dbt test on a source is a check of the Python asset that writes the table; they
+    # do not block, so the dbt build stays one step of the round's job.
+    sources = [c for c in on_python if ":source_" in c]
+    assert {c.split(":")[0] for c in sources} >= {"payouts", "tc_scores", "stakes", "round_info"}
+    dbt = defs.resolve_assets_def(dg.AssetKey(["reporting", "round_leaderboard"]))
+    assert not any(
+        spec.blocking
+        for spec in dbt.check_specs
+        if spec.asset_key in graph.get_all_asset_keys()
+        and spec.asset_key.path[0] not in ("staging", "reporting")
+    )
+    job = defs.resolve_job_def("score_round")
+    assert [n for n in job.graph.node_dict if n.startswith("dbt_metrics")] == ["dbt_metrics"]
 
 
 def test_jobs_schedules_and_sensors(defs):

@@ -139,13 +139,20 @@ def test_a_dbt_source_test_is_a_check_of_the_python_asset(ui):
     d, _, _ = ui
     data = d.query(
         """{ assetNodeOrError(assetKey: {path: ["payouts"]}) { ... on AssetNode {
-             assetChecksOrError { ... on AssetChecks { checks { name
-               executionForLatestMaterialization { status } } } } } } }"""
+             assetChecksOrError { ... on AssetChecks { checks { name } } } } } }"""
     )
-    checks = data["assetNodeOrError"]["assetChecksOrError"]["checks"]
-    dbt = [c for c in checks if c["name"].startswith("source_")]
-    assert dbt, checks
-    assert all(c["executionForLatestMaterialization"]["status"] == "SUCCEEDED" for c in dbt)
+    names = [c["name"] for c in data["assetNodeOrError"]["assetChecksOrError"]["checks"]]
+    dbt = [n for n in names if n.startswith("source_")]
+    assert dbt, names
+    scored = {r["runId"] for r in _job(d)["runs"] if r["status"] == "SUCCESS"}
+    for name in dbt:
+        executions = d.query(
+            """query Checks($name: String!) { assetCheckExecutions(
+                 assetKey: {path: ["payouts"]}, checkName: $name, limit: 20) { runId status } }""",
+            {"name": name},
+        )["assetCheckExecutions"]
+        ran = {e["runId"]: e["status"] for e in executions if e["runId"] in scored}
+        assert len(ran) == 2 and set(ran.values()) == {"SUCCEEDED"}, (name, executions)
 
 
 def test_tc_scores_shows_row_count_and_a_table_leaderboard(ui):
