@@ -7,6 +7,7 @@ render each page to docs/img/<name>.png. Run `make demo` first.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -72,7 +73,7 @@ def shoot(browser: str, url: str, path: Path, profile: Path) -> None:
         ],
         check=True,
         capture_output=True,
-        timeout=180,
+        timeout=600,
     )
 
 
@@ -97,6 +98,13 @@ def main() -> int:
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(f"{base}/server_info", proc)
+        # The UI's one-time "join the community" dialog would cover the first page.
+        request = urllib.request.Request(
+            f"{base}/graphql",
+            data=json.dumps({"query": "mutation { setNuxSeen }"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        urllib.request.urlopen(request, timeout=60).close()
         OUT.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as profile:
             for name, page in PAGES.items():
