@@ -33,12 +33,12 @@ def test_a_wheel_in_a_fresh_venv_runs_the_demo_from_an_empty_folder(tmp_path):
     (wheel,) = wheels.glob("tc_platform-*.whl")
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", venv], cwd=tmp_path)
+    python = venv / "bin" / "python"
+    _run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel], cwd=tmp_path)
     # The dependencies are the ones installed here (no network): the venv sees this
     # environment's site-packages after its own, without its .pth files (so not this checkout).
     own = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
     (own / "shared_dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    python = venv / "bin" / "python"
-    _run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel], cwd=tmp_path)
 
     empty = tmp_path / "empty"
     empty.mkdir()
