@@ -28,6 +28,7 @@ PAGES = {
     "payouts": f"/assets/payouts?partition={ROUND}",
     "automation": "/automation",
 }
+ONLY = os.environ.get("TC_SCREENSHOTS", "")  # comma list of page names (default: all)
 SIZE = "1400,900"
 
 
@@ -108,6 +109,8 @@ def main() -> int:
         OUT.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as profile:
             for name, page in PAGES.items():
+                if ONLY and name not in ONLY.split(","):
+                    continue
                 path = OUT / f"{name}.png"
                 shoot(browser, base + page, path, Path(profile))
                 print(f"wrote {path.relative_to(REPO)} ({path.stat().st_size // 1024} KiB)")

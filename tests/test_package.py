@@ -3,6 +3,7 @@ environment runs the demo from an empty folder (dbt project shipped inside, mani
 first use into the user's cache)."""
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -24,17 +25,34 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: 
 
 
 def test_a_wheel_in_a_fresh_venv_runs_the_demo_from_an_empty_folder(tmp_path):
+    # Built from a copy: the build leaves build/ and *.egg-info beside the sources.
+    tree = tmp_path / "tree"
+    ignore = shutil.ignore_patterns("__pycache__", "target", "logs")
+    shutil.copytree(REPO / "tc_assets", tree / "tc_assets", ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, tree / name)
     wheels = tmp_path / "wheels"
+    pip = ["-m", "pip", "--disable-pip-version-check"]
     _run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", wheels]
-        + ["-q", REPO],
-        cwd=tmp_path,
+        [
+            sys.executable,
+            *pip,
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            wheels,
+            tree,
+        ],
+        tmp_path,
     )
     (wheel,) = wheels.glob("tc_platform-*.whl")
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", venv], cwd=tmp_path)
     python = venv / "bin" / "python"
-    _run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel], cwd=tmp_path)
+    clean = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home")}  # no PYTHONPATH
+    _run([python, *pip, "install", "--no-deps", "--no-index", "-q", wheel], tmp_path, clean)
     # The dependencies are the ones installed here (no network): the venv sees this
     # environment's site-packages after its own, without its .pth files (so not this checkout).
     own = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
