@@ -61,7 +61,7 @@ def ui(tmp_path_factory) -> Iterator[tuple[Dagster, subprocess.CompletedProcess,
         "TC_WAREHOUSE": str(warehouse),
         "TC_STORAGE": str(tmp / "storage"),
     }
-    d = Dagster(tmp, paths)  # the instance, with the project's dagster.yaml
+    d = Dagster(tmp, paths, REPO / "tc_assets" / "dagster.yaml", "local")  # the project's instance
     home = tmp / "home"
     home.mkdir()
     env = {"TC_HOME": str(home), "DAGSTER_HOME": str(d.home)}
