@@ -8,14 +8,11 @@ TORCH := torch==2.13.0
 # Local state (demo source and warehouse, Dagster instance) lives under TC_HOME.
 TC_HOME ?= $(CURDIR)/.tc_platform
 DAGSTER_HOME ?= $(TC_HOME)/dagster_home
-# The dbt project (reporting marts). Its manifest is built here, never committed: the Dagster
-# definitions read their dbt assets from it, so demo, test and dev build it first.
-DBT_DIR := dbt_metrics
-DBT_MANIFEST := $(DBT_DIR)/target/manifest.json
-DBT_FILES := $(shell find $(DBT_DIR) \( -path $(DBT_DIR)/target -o -path $(DBT_DIR)/logs \
-	-o -path $(DBT_DIR)/dbt_packages \) -prune -o -type f \( -name '*.sql' -o -name '*.yml' \) -print)
+# The dbt project (reporting marts) ships inside the package; its manifest is parsed on first
+# use into ~/.cache/tc-platform/dbt (TC_DBT_CACHE), so no target here prepares it.
+DBT_DIR := tc_assets/dbt_metrics
 
-.PHONY: demo test dev rescore install install-test dbt-manifest lint format bench clean
+.PHONY: demo test dev rescore install install-test lint format bench screenshots clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,23 +29,16 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-## The dbt manifest (`dbt parse`, no database needed), rebuilt when a dbt file changes.
-$(DBT_MANIFEST): $(VENV)/.installed $(DBT_FILES)
-	cd $(DBT_DIR) && DBT_SEND_ANONYMOUS_USAGE_STATS=false $(abspath $(VENV))/bin/dbt parse --quiet
-	touch $@
-
-dbt-manifest: $(DBT_MANIFEST)
-
 ## Generate a few synthetic rounds, run them through Dagster, print the results.
-demo: install $(DBT_MANIFEST)
+demo: install
 	TC_HOME=$(TC_HOME) DAGSTER_HOME=$(DAGSTER_HOME) $(VENV)/bin/tc-platform demo
 
 ## Run the test suite (installs the test extras first).
-test: install-test $(DBT_MANIFEST)
+test: install-test
 	$(PY) -m pytest
 
 ## The Dagster UI (and daemon) on http://127.0.0.1:3000 over the demo's source and warehouse.
-dev: install $(DBT_MANIFEST)
+dev: install
 	mkdir -p $(DAGSTER_HOME)
 	test -f $(DAGSTER_HOME)/dagster.yaml || cp tc_assets/dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 	TC_HOME=$(TC_HOME) DAGSTER_HOME=$(DAGSTER_HOME) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
@@ -56,9 +46,14 @@ dev: install $(DBT_MANIFEST)
 ## Re-score every round of the instance (after the scoring code changed): a backfill of
 ## score_round over all round partitions, one queued run per round, which the daemon of
 ## `make dev` launches within the run queue's limit.
-rescore: install $(DBT_MANIFEST)
+rescore: install
 	TC_HOME=$(TC_HOME) DAGSTER_HOME=$(DAGSTER_HOME) $(VENV)/bin/dagster job backfill \
 		-w workspace.yaml -j score_round --all all --noprompt
+
+## Screenshots of the UI over the demo for the README (headless Chromium: Debian's `chromium`).
+screenshots: install
+	test -f $(TC_HOME)/demo/warehouse.duckdb || $(MAKE) demo
+	TC_HOME=$(TC_HOME) DAGSTER_HOME=$(DAGSTER_HOME) $(PY) scripts/screenshots.py
 
 lint: install-test
 	$(VENV)/bin/ruff check tc_assets tests benchmarks

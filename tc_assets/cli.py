@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
 # Eight rounds: enough for the TC proxy model's first window (ProxySettings.min_rounds).
 DEMO_ROUNDS = "1-8"
+UI_PORT = 3000
 
 
 def _home() -> Path:
@@ -21,6 +23,24 @@ def _log_file(command: str) -> Path:
     folder = _home() / "logs"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+def ui_command(home: Path, dagster_home: Path) -> str:
+    """The command that opens the Dagster UI over what the CLI wrote under `home`: a
+    workspace file naming the code location the CLI's runs are attached to is written there."""
+    from tc_assets.defs.definitions import CODE_LOCATION, DEFINITIONS_ATTRIBUTE, DEFINITIONS_MODULE
+
+    workspace = home / "workspace.yaml"
+    workspace.write_text(
+        "load_from:\n  - python_module:\n"
+        f"      module_name: {DEFINITIONS_MODULE}\n"
+        f"      attribute: {DEFINITIONS_ATTRIBUTE}\n"
+        f"      location_name: {CODE_LOCATION}\n"
+    )
+    return (
+        f"TC_HOME={shlex.quote(str(home))} DAGSTER_HOME={shlex.quote(str(dagster_home))} "
+        f"dagster dev -w {shlex.quote(str(workspace))} -h 127.0.0.1 -p {UI_PORT}"
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -126,7 +146,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"\ndemo finished in {time.perf_counter() - start:.0f}s: "
         f"{len(outcomes) - len(failed)}/{len(outcomes)} rounds succeeded. "
-        "See the runs with `make dev` (http://127.0.0.1:3000)."
+        f"See the runs in the Dagster UI: {ui_command(_home(), home)} "
+        f"then open http://127.0.0.1:{UI_PORT}"
     )
     return _exit_code(outcomes)
 

@@ -1,8 +1,10 @@
 """Run rounds through the Dagster definitions from the command line (`tc-platform run`).
 
-Each round is one run of the `score_round` job on a persistent Dagster instance, so the runs,
-their logs and materializations show in `make dev` afterwards. The same Definitions object as
-the UI's is used: nothing is scored by a side path.
+Each round is one run of the `score_round` job on a persistent Dagster instance, created as the
+UI creates one (the code location's origin and job snapshot, see `CodeLocation`) and executed
+in this process: the runs, their logs and materializations show in `make dev` afterwards under
+the job, in the timeline and the partitions, and re-execute from there. The same Definitions
+as the UI's are used: nothing is scored by a side path.
 
 The terminal gets one line per finished step (with its time), every warning, every failed
 check and, per round, what failed and why. Dagster's full debug log, dbt's output and library
@@ -12,7 +14,6 @@ warnings go to a log file instead (and, as for any run, to the run's logs in the
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import shutil
@@ -20,18 +21,35 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import dagster as dg
+from dagster._core.code_pointer import ModuleCodePointer
+from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
 from dagster._core.errors import DagsterExecutionInterruptedError
-from dagster._core.storage.tags import MAX_RETRIES_TAG
+from dagster._core.execution.api import execute_run
+from dagster._core.remote_origin import (
+    ManagedGrpcPythonEnvCodeLocationOrigin,
+    RemoteRepositoryOrigin,
+)
+from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus
+from dagster._core.storage.tags import MAX_RETRIES_TAG, PARTITION_NAME_TAG
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._core.utils import make_new_run_id
 
 from tc_assets.defs.automation.state import run_tags
-from tc_assets.defs.definitions import SCORE_ROUND_JOB, PlatformPaths, build_definitions
+from tc_assets.defs.definitions import (
+    CODE_LOCATION,
+    DEFINITIONS_ATTRIBUTE,
+    DEFINITIONS_MODULE,
+    REPOSITORY_NAME,
+    SCORE_ROUND_JOB,
+    PlatformPaths,
+)
+from tc_assets.defs.env import environment
 from tc_assets.defs.liveness import (
     PoolWatch,
     RunGuardSettings,
@@ -41,6 +59,7 @@ from tc_assets.defs.liveness import (
     reap_dead_runs,
 )
 from tc_assets.defs.partitions import ROUNDS_PARTITIONS_NAME
+from tc_assets.defs.progress import PROGRESS_LOGGER, echo_to, error_message
 from tc_assets.defs.resources import RoundSourceResource
 from tc_assets.io.source import SourceError
 
@@ -101,7 +120,7 @@ class _Stop:
             for s, h in saved.items():
                 signal.signal(s, h)
 
-    def execute(self, run: Callable[[], dg.ExecuteInProcessResult]) -> dg.ExecuteInProcessResult:
+    def execute(self, run: Callable[[], dg.JobExecutionResult]) -> dg.JobExecutionResult:
         """`run()` in a worker thread, the main thread free for the signal handlers."""
         box: dict[str, object] = {}
 
@@ -150,58 +169,6 @@ def ensure_dagster_home(default: Path) -> Path:
     return home
 
 
-class _ProgressHandler(logging.Handler):
-    """Echoes what an operator watching a run needs: finished and failed steps, failed checks,
-    and the assets' own messages (not Dagster's debug events)."""
-
-    def __init__(self, echo: Callable[[str], None], chatty: frozenset[str] = frozenset()) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.echo = echo
-        self.chatty = chatty  # steps whose own messages are echoed from ERROR up only
-
-    def emit(self, record: logging.LogRecord) -> None:
-        meta = getattr(record, "dagster_meta", None) or {}
-        step = meta.get("step_key") or ""
-        event = meta.get("dagster_event")
-        if event is None:
-            message = str(meta.get("orig_message", record.getMessage()))
-            # The engine's "Dependencies for step ... Not executing." lines are left out (the
-            # failed step is named already); anything else logged in a step is the asset's.
-            level = logging.ERROR if step in self.chatty else logging.INFO
-            if record.levelno >= level and step and not message.startswith("Dependencies"):
-                self.echo(f"  {step}: {message}")
-            return
-        kind = event.event_type
-        if kind == dg.DagsterEventType.STEP_SUCCESS:
-            seconds = event.event_specific_data.duration_ms / 1000.0
-            self.echo(f"  {step:<48} ok {seconds:6.1f}s")
-        elif kind == dg.DagsterEventType.STEP_FAILURE:
-            self.echo(f"  {step:<48} FAILED: {_error_message(event)}")
-        elif kind == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
-            check = event.event_specific_data
-            if not check.passed:
-                self.echo(
-                    f"  check {check.check_name} on {check.asset_key.to_user_string()} did not "
-                    f"pass ({check.severity.value}): {check.description}"
-                )
-
-
-# dagster-dbt narrates every dbt node and test (and warns about each source test it logs as an
-# observation): that stays in the log file and the UI; the step's line and failures still show.
-CHATTY_STEPS = frozenset({"dbt_metrics"})
-
-
-def progress_logger(echo: Callable[[str], None]) -> dg.LoggerDefinition:
-    """A Dagster logger that prints compact progress through `echo` (see _ProgressHandler)."""
-
-    def create(_: dg.InitLoggerContext) -> logging.Logger:
-        logger = logging.Logger("tc_platform_progress", level=logging.DEBUG)
-        logger.addHandler(_ProgressHandler(echo, CHATTY_STEPS))
-        return logger
-
-    return dg.LoggerDefinition(create, description="Compact progress for tc-platform run.")
-
-
 @contextlib.contextmanager
 def _captured(log: TextIO | None) -> Iterator[None]:
     """Send stdout and stderr (Dagster's console log, dbt, warnings) to `log` in the block."""
@@ -212,29 +179,81 @@ def _captured(log: TextIO | None) -> Iterator[None]:
         yield
 
 
-def _error_message(event: dg.DagsterEvent) -> str:
-    error = getattr(event.event_specific_data, "error", None)
-    if error is None:
-        return event.message or "failed"
-    # A dagster.Failure carries our readable description; show it rather than a stack trace.
-    while error.cause is not None and "dagster._core.errors" in (error.cls_name or ""):
-        error = error.cause
-    msg = error.message.strip()
-    if error.cls_name == "Failure":
-        msg = msg.split(": ", 1)[-1]  # "dagster._core.definitions.events.Failure: <ours>"
-    return msg
-
-
-def _failed_checks(result: dg.ExecuteInProcessResult) -> dict[str, str]:
+def _failed_checks(events: Sequence[dg.DagsterEvent]) -> dict[str, str]:
     """Step key of each failed ERROR check -> its description (why a blocking check failed)."""
     out: dict[str, str] = {}
-    for event in result.all_events:
+    for event in events:
         if event.event_type != dg.DagsterEventType.ASSET_CHECK_EVALUATION:
             continue
         check = event.event_specific_data
         if not check.passed and check.severity == dg.AssetCheckSeverity.ERROR:
             out[event.step_key or "?"] = f"check {check.check_name}: {check.description}"
     return out
+
+
+def _run_events(instance: dg.DagsterInstance, run_id: str) -> list[dg.DagsterEvent]:
+    """The Dagster events of a run, from the instance's event log."""
+    return [
+        entry.dagster_event
+        for entry in instance.all_logs(run_id)
+        if entry.dagster_event is not None
+    ]
+
+
+class CodeLocation:
+    """The platform's code location as the UI loads it (workspace.yaml), for runs that the
+    command line executes in its own process.
+
+    A run created here carries the location's origin (so the UI lists it under the job, in the
+    timeline and the partitions, and re-executes it without a version warning) and the job
+    snapshot of the same Definitions, built from the environment as the UI builds them
+    (TC_SOURCE, TC_WAREHOUSE, TC_STORAGE are set to the run's paths while the location is
+    open).
+    """
+
+    def __init__(self, paths: PlatformPaths, instance: dg.DagsterInstance) -> None:
+        self.paths = paths
+        self.instance = instance
+        target = LoadableTargetOrigin(
+            executable_path=sys.executable,
+            module_name=DEFINITIONS_MODULE,
+            attribute=DEFINITIONS_ATTRIBUTE,
+            working_directory=os.getcwd(),
+        )
+        origin = ManagedGrpcPythonEnvCodeLocationOrigin(target, location_name=CODE_LOCATION)
+        self.repository_origin = RemoteRepositoryOrigin(origin, REPOSITORY_NAME)
+        pointer = ModuleCodePointer(DEFINITIONS_MODULE, DEFINITIONS_ATTRIBUTE, os.getcwd())
+        self.repository = ReconstructableRepository(pointer, executable_path=sys.executable)
+
+    def environment(self) -> contextlib.AbstractContextManager[None]:
+        """The paths as the code location reads them (PlatformPaths.from_env)."""
+        p = self.paths
+        return environment(
+            {"TC_SOURCE": p.source, "TC_WAREHOUSE": p.warehouse, "TC_STORAGE": p.storage}
+        )
+
+    def create_run(
+        self,
+        job_name: str,
+        partition: str,
+        run_config: Mapping[str, Any],
+        tags: Mapping[str, str],
+        run_id: str | None = None,
+    ) -> tuple[ReconstructableJob, DagsterRun]:
+        """A run of `job_name` for `partition`, created on the instance as the UI creates one
+        (not started: `execute_run` runs it)."""
+        job = self.repository.get_reconstructable_job(job_name)
+        job_def = job.get_definition()
+        run = self.instance.create_run_for_job(
+            job_def,
+            run_id=run_id,
+            run_config=run_config,
+            tags={**job_def.run_tags, **tags, PARTITION_NAME_TAG: partition},
+            status=DagsterRunStatus.NOT_STARTED,
+            remote_job_origin=self.repository_origin.get_job_origin(job_name),
+            job_code_origin=job.get_python_origin(),
+        )
+        return job, run
 
 
 def run_rounds(
@@ -247,7 +266,9 @@ def run_rounds(
 ) -> list[RoundOutcome]:
     """Add the rounds' partitions and run the score_round job for each, in order.
 
-    Every round runs even if an earlier one failed; the outcomes say which failed and why.
+    Each run is created against the code location (see `CodeLocation`) and executed in this
+    process. Every round runs even if an earlier one failed; the outcomes say which failed and
+    why.
     Progress goes to `echo`; with `log`, stdout and stderr of the runs (Dagster's debug log,
     dbt's output) are written there instead of the terminal.
 
@@ -263,10 +284,7 @@ def run_rounds(
         with contextlib.redirect_stdout(out):
             echo(line)
 
-    loggers = {**dg.default_loggers(), "progress": progress_logger(say)}
-    defs = build_definitions(paths, loggers=loggers)
-    job = defs.resolve_job_def(SCORE_ROUND_JOB)
-    run_config = {"loggers": {"progress": {}, "console": {"config": {"log_level": "DEBUG"}}}}
+    run_config = {"loggers": {PROGRESS_LOGGER: {}, "console": {"config": {"log_level": "DEBUG"}}}}
     instance = instance or dg.DagsterInstance.get()
     source = RoundSourceResource.for_uri(paths.source).open()
     if not paths.source.startswith("s3://") and not Path(paths.source).is_dir():
@@ -288,13 +306,14 @@ def run_rounds(
         instance.add_dynamic_partitions(ROUNDS_PARTITIONS_NAME, new)
     outcomes: list[RoundOutcome] = []
     stop = _Stop(instance)
-    with stop.installed():
+    location = CodeLocation(paths, instance)
+    with stop.installed(), location.environment(), echo_to(say):
         for key in keys:
             if stop.reason or stop.gave_up:
                 break
             try:
                 outcomes.append(
-                    _run_round(job, key, instance, source, run_config, stop, guard, say, echo, log)
+                    _run_round(location, key, source, run_config, stop, guard, say, echo, log)
                 )
             except DagsterExecutionInterruptedError:  # a signal between two runs
                 break
@@ -308,9 +327,8 @@ def run_rounds(
 
 
 def _run_round(
-    job: dg.JobDefinition,
+    location: CodeLocation,
     key: str,
-    instance: dg.DagsterInstance,
     source,
     run_config: dict,
     stop: _Stop,
@@ -320,6 +338,7 @@ def _run_round(
     log: TextIO | None,
 ) -> RoundOutcome:
     """One round's run, watched (pool waits, signals); its outcome, echoed."""
+    instance = location.instance
     for run_id in reap_dead_runs(instance):
         echo(f"run {run_id}: its process is gone; marked failed, its pool slots freed")
     for run_id in free_finished_holders(instance):
@@ -335,7 +354,7 @@ def _run_round(
     run_id = make_new_run_id()
     stop.run_id = run_id
 
-    def execute() -> dg.ExecuteInProcessResult:
+    def execute() -> dg.JobExecutionResult:
         with PoolWatch(
             instance,
             run_id,
@@ -344,14 +363,8 @@ def _run_round(
             guard,
             run_thread=threading.get_ident(),
         ):
-            return job.execute_in_process(
-                run_config=run_config,
-                instance=instance,
-                partition_key=key,
-                raise_on_error=False,
-                tags=tags,
-                run_id=run_id,
-            )
+            job, run = location.create_run(SCORE_ROUND_JOB, key, run_config, tags, run_id)
+            return execute_run(job, run, instance)
 
     with _captured(log):
         try:
@@ -367,21 +380,20 @@ def _run_round(
             seconds=time.perf_counter() - start,
             failures=[("?", stop.gave_up or f"{stop.reason}: canceled")],
         )
-    checks = _failed_checks(result)
+    events = _run_events(instance, run_id)
+    checks = _failed_checks(events)
     outcome = RoundOutcome(
         round=int(key),
         success=result.success,
-        run_id=result.run_id,
+        run_id=run_id,
         seconds=time.perf_counter() - start,
         failures=[
-            (e.step_key or "?", checks.get(e.step_key or "?") or _error_message(e))
-            for e in result.all_events
+            (e.step_key or "?", checks.get(e.step_key or "?") or error_message(e))
+            for e in events
             if e.event_type == dg.DagsterEventType.STEP_FAILURE
         ],
         skipped=[
-            e.step_key or "?"
-            for e in result.all_events
-            if e.event_type == dg.DagsterEventType.STEP_SKIPPED
+            e.step_key or "?" for e in events if e.event_type == dg.DagsterEventType.STEP_SKIPPED
         ],
     )
     if stop.gave_up:
@@ -400,7 +412,7 @@ def _run_round(
     else:
         failed = ", ".join(step for step, _ in outcome.failures)
         echo(
-            f"round {key}: FAILED in {outcome.seconds:.1f}s (run {result.run_id}) at {failed}"
+            f"round {key}: FAILED in {outcome.seconds:.1f}s (run {run_id}) at {failed}"
             + (f"; not run: {', '.join(outcome.skipped)}" if outcome.skipped else "")
         )
     return outcome

@@ -1,8 +1,6 @@
 """Shared fixtures: generated round sources (the project's generator) and Dagster instances."""
 
-import os
 import shutil
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,17 +26,8 @@ def make_source(root: Path, rounds: list[int], settings: SyntheticSettings = SMA
 
 @pytest.fixture(scope="session", autouse=True)
 def dbt_manifest() -> Path:
-    """The dbt project's manifest, which the Definitions are built from: `dbt parse` runs here
-    when it is missing or older than the project's files, so that a bare `pytest` works."""
-    project = reporting.dbt_project
-    if not reporting.manifest_is_current(project):
-        subprocess.run(
-            [reporting.dbt_executable(), "parse", "--quiet"],
-            cwd=project.project_dir,
-            env={**os.environ, "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"},
-            check=True,
-        )
-    return project.manifest_path
+    """The dbt project's manifest, parsed once here (as the Definitions would on first use)."""
+    return reporting.prepare_manifest(reporting.dbt_project)
 
 
 @pytest.fixture(scope="session")

@@ -127,12 +127,30 @@ def test_no_dbt_relation_shadows_a_platform_table():
     assert sources <= set(TABLES)
 
 
-def test_missing_manifest_is_a_clear_error(tmp_path):
+def test_the_manifest_is_parsed_on_demand_per_version_of_the_project(tmp_path, monkeypatch):
+    """A missing manifest is parsed into the cache; an edited project gets a new folder; a
+    project dbt cannot parse is a clear error naming it."""
+    monkeypatch.setenv(reporting.DBT_CACHE_ENV, str(tmp_path / "cache"))
     project_dir = tmp_path / "dbt_metrics"
     shutil.copytree(reporting.DBT_PROJECT_DIR, project_dir, ignore=shutil.ignore_patterns("target"))
-    project = reporting.DbtProject(project_dir=project_dir)
-    with pytest.raises(reporting.ReportingSetupError, match="make dbt-manifest"):
-        reporting.load_manifest(project)
+
+    def project() -> reporting.DbtProject:
+        return reporting.DbtProject(
+            project_dir=project_dir,
+            profiles_dir=project_dir,
+            target_path=reporting.manifest_dir(project_dir),
+        )
+
+    first = project()
+    assert first.manifest_path.is_relative_to(tmp_path / "cache")
+    assert not first.manifest_path.exists()
+    assert json.loads(reporting.prepare_manifest(first).read_text())["nodes"]
+    assert sorted(p.name for p in first.manifest_path.parent.iterdir()) == ["manifest.json"]
+    (project_dir / "models" / "sources.yml").write_text("version: 2\nsources: [oops\n")
+    broken = project()
+    assert broken.manifest_path != first.manifest_path
+    with pytest.raises(reporting.ReportingSetupError, match="dbt parse of .* failed"):
+        reporting.prepare_manifest(broken)
 
 
 def test_a_source_without_an_asset_key_is_refused():

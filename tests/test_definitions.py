@@ -83,10 +83,24 @@ def test_every_asset_is_partitioned_by_round(defs):
 def test_asset_checks(defs):
     graph = defs.resolve_asset_graph()
     checks = sorted(f"{k.asset_key.to_user_string()}:{k.name}" for k in graph.asset_check_keys)
-    python = [c for c in checks if not c.startswith(("staging/", "reporting/"))]
+    on_python = [c for c in checks if not c.startswith(("staging/", "reporting/"))]
+    python = [c for c in on_python if ":source_" not in c]
     assert python == PYTHON_CHECKS
     # Every dbt test on a model is an asset check of that model (not_null, unique, ranges...).
-    assert len(checks) - len(python) >= 20
+    assert len(checks) - len(on_python) >= 20
+    # Every dbt test on a source is a check of the Python asset that writes the table; they
+    # do not block, so the dbt build stays one step of the round's job.
+    sources = [c for c in on_python if ":source_" in c]
+    assert {c.split(":")[0] for c in sources} >= {"payouts", "tc_scores", "stakes", "round_info"}
+    dbt = defs.resolve_assets_def(dg.AssetKey(["reporting", "round_leaderboard"]))
+    assert not any(
+        spec.blocking
+        for spec in dbt.check_specs
+        if spec.asset_key in graph.get_all_asset_keys()
+        and spec.asset_key.path[0] not in ("staging", "reporting")
+    )
+    job = defs.resolve_job_def("score_round")
+    assert [n for n in job.graph.node_dict if n.startswith("dbt_metrics")] == ["dbt_metrics"]
 
 
 def test_jobs_schedules_and_sensors(defs):
@@ -117,30 +131,33 @@ def test_resources(defs):
     assert sorted(defs.resources) == ["dbt", "io_manager", "optimizer", "round_source", "warehouse"]
 
 
-def test_import_needs_no_dbt_manifest(tmp_path):
-    """Importing the definitions module builds nothing: it works in a checkout whose dbt
-    project was never parsed, and loading the Definitions then names the command to run."""
+def test_import_needs_no_dbt_manifest_and_loading_parses_it(tmp_path):
+    """Importing the definitions module builds nothing; loading the Definitions where the dbt
+    project was never parsed parses it into the user's cache (not into the package)."""
     package = Path(tc_assets.__file__).parent
-    shutil.copytree(package, tmp_path / "tc_assets", ignore=shutil.ignore_patterns("__pycache__"))
-    repo = Path(tc_assets.__file__).parents[1]
     shutil.copytree(
-        repo / "dbt_metrics", tmp_path / "dbt_metrics", ignore=shutil.ignore_patterns("target")
+        package, tmp_path / "tc_assets", ignore=shutil.ignore_patterns("__pycache__", "target")
     )
     code = (
-        "import tc_assets.defs.definitions as d\n"
-        "try:\n    d.build_definitions(d.PlatformPaths.create('s', 'w.duckdb'))\n"
-        "except Exception as exc:\n    print(type(exc).__name__, exc)\n"
+        "import tc_assets.defs.definitions as d, tc_assets.defs.reporting as r\n"
+        "assert not r.dbt_project.manifest_path.exists()\n"
+        "defs = d.build_definitions(d.PlatformPaths.create('s', 'w.duckdb'))\n"
+        "print(len(defs.resolve_job_def('score_round').asset_layer.selected_asset_keys))\n"
+        "print(r.dbt_project.manifest_path)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=tmp_path,
-        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home")},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("ReportingSetupError") and "dbt parse" in out.stdout
+    count, manifest = out.stdout.split()
+    assert int(count) > 20
+    assert Path(manifest).is_relative_to(tmp_path / "home" / ".cache" / "tc-platform")
+    assert not (tmp_path / "tc_assets" / "dbt_metrics" / "target").exists()
 
 
 def test_functions_in_defs_are_short():

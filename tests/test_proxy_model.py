@@ -360,9 +360,13 @@ def test_plots_have_titled_axes(fitted):
 
 
 def test_asset_with_too_few_rounds_skips_or_fails_clearly(warehouse):
+    """A short window is recorded as done without a fit (the partition views count the round
+    as materialized), with the reason; `fail_when_short` fails instead."""
     skipped = materialize(warehouse, "3")
-    assert skipped.success and not skipped.asset_materializations_for_node("tc_proxy_model")
-    assert any("not materialized: the TC proxy needs >= 8" in (m or "") for m in skipped.logs)
+    (mat,) = skipped.asset_materializations_for_node("tc_proxy_model")
+    assert skipped.success and mat.metadata["fitted"].value is False
+    assert "the TC proxy needs >= 8" in mat.metadata["reason"].value
+    assert any("no fit: the TC proxy needs >= 8" in (m or "") for m in skipped.logs)
     failed = materialize(warehouse, "3", fail_when_short=True)
     assert not failed.success
     (failure,) = [e for e in failed.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
@@ -377,7 +381,8 @@ def test_a_window_refit_with_too_few_rounds_leaves_no_earlier_fit(warehouse):
     tables = ("tc_proxy_importance", "tc_proxy_shape", "tc_proxy_fit")
     assert all(len(warehouse.read_round(t, 5)) for t in tables)
     again = materialize(warehouse, "5")
-    assert again.success and not again.asset_materializations_for_node("tc_proxy_model")
+    (mat,) = again.asset_materializations_for_node("tc_proxy_model")
+    assert again.success and mat.metadata["fitted"].value is False
     assert all(warehouse.read_round(t, 5).empty for t in tables)
 
 

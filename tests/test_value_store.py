@@ -5,6 +5,7 @@ import pytest
 
 from tc_assets.defs.definitions import INGEST_ROUND_JOB, PlatformPaths
 from tc_assets.defs.resources import RoundStorage, S3RoundStorage, value_storage
+from tc_assets.io import values
 from tests.conftest import platform, run_job
 from tests.s3server import client
 
@@ -44,6 +45,10 @@ def test_values_are_written_to_and_read_from_the_s3_store(
         for asset in ("stakes", "predictions", "universe", "round_info"):
             assert f"prod/{asset}/1" in keys, sorted(keys)
         assert not (tmp_path / "wh" / "storage").exists()
+        # The predictions matrix is stored as its raw float64 values, as in the local store.
+        body = s3.get_object(Bucket="values-store", Key="prod/predictions/1")["Body"].read()
+        matrix = values.read_value(body)
+        assert body.startswith(values.MAGIC) and len(body) < matrix.size * 8 + 100_000
         # A run of the downstream assets alone reads the stored inputs back from S3.
         alone = defs.resolve_job_def("score_round").execute_in_process(
             instance=instance,

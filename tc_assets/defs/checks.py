@@ -21,7 +21,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from tc_assets.defs.metadata import markdown_table
+from tc_assets.defs.metadata import metadata_table
 from tc_assets.defs.partitions import rounds_partitions
 
 
@@ -82,7 +82,7 @@ def check_finite(
             "rows": len(frame),
             "bad_rows": int(rows.sum()),
             "bad_by_column": by_column,
-            "examples": markdown_table(frame.loc[rows].reset_index().head(max_rows)),
+            "examples": metadata_table(frame.loc[rows].reset_index().head(max_rows)),
         },
     )
 
@@ -116,6 +116,6 @@ def check_within(
             "worst_excess": worst,
             "min": float(np.nanmin(x)) if len(x) and not np.isnan(x).all() else float("nan"),
             "max": float(np.nanmax(x)) if len(x) and not np.isnan(x).all() else float("nan"),
-            "examples": markdown_table(values[outside].reset_index().head(max_rows)),
+            "examples": metadata_table(values[outside].reset_index().head(max_rows)),
         },
     )

@@ -13,7 +13,7 @@ import pandas as pd
 
 from tc_assets.defs.checks import check_finite, round_check
 from tc_assets.defs.config import TCConfig, settings_of
-from tc_assets.defs.metadata import markdown_table, timer
+from tc_assets.defs.metadata import metadata_table, rounded, timer, warehouse_table
 from tc_assets.defs.partitions import round_asset, round_failure, round_of
 from tc_assets.defs.plots import attribution_figure, plot_metadata
 from tc_assets.defs.resources import WarehouseResource
@@ -104,7 +104,7 @@ def meta_portfolio(
         try:
             sol = solve_portfolio(x, spec, label=str(r))
         except PortfolioSolveError as exc:
-            raise round_failure(r, exc) from exc
+            raise round_failure(r, exc) from None
     problem = inexact_split(sol, spec)
     if problem is not None:  # not a tradable portfolio: fail before anything is written
         raise round_failure(r, f"round {r}: {problem}", overlap=sol.long_short_overlap)
@@ -140,7 +140,7 @@ def _solution_metadata(
         "held_long": sol.held_long,
         "held_short": sol.held_short,
         "max_violation": sol.max_violation,
-        "largest_positions": markdown_table(top.reset_index()[["id", "weight", "swmm"]]),
+        "largest_positions": metadata_table(top.reset_index()[["id", "weight", "swmm"]]),
     }
 
 
@@ -215,22 +215,34 @@ def tc_scores(
     target = tc_target(resolved, universe.index, settings.target_column, r)
     with timer() as t_rank:
         p = prediction_matrix(preds.to_numpy(dtype=np.float64))
-    context.log.info(
-        f"round {r}: TC of {p.shape[1]} models, {settings.bags} bags, {settings.engine}"
-    )
+    context.log.info(f"round {r}: TC of {p.shape[1]} models, {settings.bags} bags")
     try:
         result = true_contribution(p, stake.to_numpy(), target, spec, settings, label=str(r))
     except (PortfolioSolveError, ValueError) as exc:
-        raise round_failure(r, exc) from exc
+        raise round_failure(r, exc) from None
     scores = _scores_table(result, preds.columns)
-    corr = model_metrics["corr"].reindex(preds.columns).to_numpy(dtype=np.float64)
-    digest = settings_hash(settings, settings_of(optimizer, OptimizerSettings))
-    summary = tc_summary(result, corr, target, digest)
+    corr = model_metrics["corr"].reindex(preds.columns)
+    summary = _summary(result, corr, target, settings, optimizer)
     parts = _attribution_table(p, result, preds.columns)
-    warehouse.get().write_round(r, _tc_tables(result, scores, summary, parts, universe.index))
-    metadata = _tc_metadata(result, scores, stake, rank_seconds=t_rank["seconds"])
+    counts = warehouse.get().write_round(
+        r, _tc_tables(result, scores, summary, parts, universe.index)
+    )
+    metadata = _tc_metadata(result, scores, stake, rank_seconds=t_rank["seconds"]) | summary
     plot = _attribution_plot(parts, stake, Path(warehouse.directory) / PLOT_DIR / f"round_{r}.png")
-    return dg.Output(scores, metadata={"round": r, **metadata, **summary, **plot})
+    table = warehouse_table("tc_scores", counts["tc_scores"])
+    return dg.Output(scores, metadata={"round": r, **table, **rounded(metadata), **plot})
+
+
+def _summary(
+    result: TCResult,
+    corr: pd.Series,
+    target: np.ndarray,
+    settings: TCSettings,
+    optimizer: OptimizerResource,
+) -> dict:
+    """The round's `tc_scale` row (see `tc_summary`); corr in the order of the TC's models."""
+    digest = settings_hash(settings, settings_of(optimizer, OptimizerSettings))
+    return tc_summary(result, corr.to_numpy(dtype=np.float64), target, digest)
 
 
 def _tc_tables(
@@ -263,9 +275,15 @@ def _attribution_plot(parts: pd.DataFrame, stake: pd.Series, path: Path) -> dict
         return {}
     top = parts.loc[stake.reindex(parts.index).nlargest(20).index]
     ranked = parts.sort_values("tc", ascending=False).round(4).reset_index()
+    totals = parts[["reaches", "exposure_budget", "bounds"]].abs().sum()
+    summary = "share of all models' raw signal: " + ", ".join(
+        f"{name} {value / totals.sum():.0%}" for name, value in totals.items()
+    )
     return {
-        **plot_metadata(attribution_figure(top), path, "attribution_plot", "TC attribution"),
-        "attribution_top_bottom": markdown_table(pd.concat([ranked.head(5), ranked.tail(5)])),
+        **plot_metadata(
+            attribution_figure(top), path, "attribution_plot", "TC attribution", summary
+        ),
+        "attribution_top_bottom": metadata_table(pd.concat([ranked.head(5), ranked.tail(5)])),
     }
 
 
@@ -307,8 +325,8 @@ def _tc_metadata(
         "scale_kappa": result.scale,
         "target_passthrough": result.passthrough,
         "meta_portfolio_R": result.realized_return,
-        "top_tc": markdown_table(ranked.head(10)),
-        "bottom_tc": markdown_table(ranked.tail(10)),
+        "top_tc": metadata_table(ranked.head(10)),
+        "bottom_tc": metadata_table(ranked.tail(10)),
     }
 
 

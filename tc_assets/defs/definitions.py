@@ -12,7 +12,6 @@ Importing this module builds nothing (the dbt assets need a manifest, see report
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,16 +30,27 @@ from tc_assets.defs import (
 from tc_assets.defs.automation import AutomationSettings
 from tc_assets.defs.jobs import INGEST_ROUND_JOB, SCORE_ROUND_JOB
 from tc_assets.defs.liveness import dead_runs_sensor, guarded_in_process_executor
+from tc_assets.defs.progress import PROGRESS_LOGGER, progress_logger
 from tc_assets.defs.resources import RoundSourceResource, WarehouseResource, value_storage
 
 __all__ = [
+    "CODE_LOCATION",
+    "DEFINITIONS_ATTRIBUTE",
+    "DEFINITIONS_MODULE",
     "INGEST_ROUND_JOB",
+    "REPOSITORY_NAME",
     "SCORE_ROUND_JOB",
     "PlatformPaths",
     "area_definitions",
     "build_definitions",
     "defs",
 ]
+
+# The code location as workspace.yaml names it: `tc-platform run` attaches its runs to it.
+CODE_LOCATION = "tc_platform"
+DEFINITIONS_MODULE = "tc_assets.defs.definitions"
+DEFINITIONS_ATTRIBUTE = "defs"
+REPOSITORY_NAME = "__repository__"  # the repository Dagster makes of a Definitions object
 
 
 @dataclass(frozen=True)
@@ -88,16 +98,15 @@ def area_definitions() -> dg.Definitions:
 def build_definitions(
     paths: PlatformPaths,
     automation_settings: AutomationSettings | None = None,
-    loggers: Mapping[str, dg.LoggerDefinition] | None = None,
 ) -> dg.Definitions:
     """The platform's Definitions with resources bound to `paths`.
 
-    `loggers` replaces Dagster's default console logger (the command line adds its compact
-    progress logger this way); the UI and the daemon use the default. The automation's
-    settings default to the TC_* environment variables. Runs execute in process (one process
-    per run: far less start-up on a small machine); the warehouse pool is honoured all the same,
-    and a step's wait for it is reported and bounded (liveness.py); the dead-runs sensor fails
-    runs whose process is gone and frees their slots.
+    Loggers: Dagster's defaults and the command line's compact `progress` logger, which only a
+    run whose config names it creates. The automation's settings default to the TC_*
+    environment variables. Runs execute in process (one process per run: far less start-up on
+    a small machine); the warehouse pool is honoured all the same, and a step's wait for it is
+    reported and bounded (liveness.py); the dead-runs sensor fails runs whose process is gone
+    and frees their slots.
     """
     settings = automation_settings or AutomationSettings.from_env()
     areas = area_definitions()
@@ -105,7 +114,7 @@ def build_definitions(
     shared = dg.Definitions(
         executor=guarded_in_process_executor,
         sensors=[dead_runs_sensor(settings.dead_runs_interval_s)],
-        loggers=dict(loggers) if loggers else None,
+        loggers={**dg.default_loggers(), PROGRESS_LOGGER: progress_logger},
         resources={
             "round_source": RoundSourceResource.for_uri(paths.source),
             "warehouse": WarehouseResource(path=paths.warehouse),

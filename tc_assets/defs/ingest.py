@@ -18,7 +18,7 @@ import pandas as pd
 
 from tc_assets.defs.checks import round_check
 from tc_assets.defs.config import IngestConfig, IngestionCheckConfig
-from tc_assets.defs.metadata import markdown_table, timer
+from tc_assets.defs.metadata import metadata_table, rounded, timer, warehouse_table
 from tc_assets.defs.partitions import (
     WAREHOUSE_POOL,
     round_asset,
@@ -125,7 +125,7 @@ def round_inputs(
     )
     common = {"round": r, "read_seconds": t_read["seconds"], "write_seconds": t_write["seconds"]}
     for name, (value, metadata) in _described(inputs, counts).items():
-        yield dg.Output(value, output_name=name, metadata={**common, **metadata})
+        yield dg.Output(value, output_name=name, metadata=rounded({**common, **metadata}))
 
 
 def _described(inputs: RoundInputs, counts: dict[str, int]) -> dict[str, tuple[object, dict]]:
@@ -142,12 +142,18 @@ def _described(inputs: RoundInputs, counts: dict[str, int]) -> dict[str, tuple[o
                 "features": {k: len(v) for k, v in inputs.feature_sets.items()},
             },
         ),
-        "universe": (inputs.live, {"ids": len(inputs.live), "rows": counts["universe"]}),
-        "example_predictions": (inputs.example, {"rows": counts["example_predictions"]}),
+        "universe": (
+            inputs.live,
+            {"ids": len(inputs.live), **warehouse_table("universe", counts["universe"])},
+        ),
+        "example_predictions": (
+            inputs.example,
+            warehouse_table("example_predictions", counts["example_predictions"]),
+        ),
         "market": (
             market,
             {
-                "rows": counts["market"],
+                **warehouse_table("market", counts["market"]),
                 "present": market is not None,
                 "median_adv_usd": float(market.median()) if market is not None else 0.0,
             },
@@ -190,7 +196,7 @@ def _submissions_metadata(
         "models_accepted": wide.shape[1],
         "models_rejected": len(rk),
         "rejections_by_rule": rk["rule"].value_counts().to_dict(),
-        "rejections": markdown_table(rk[["model_id", "rule", "reason"]], max_rows=50),
+        "rejections": metadata_table(rk[["model_id", "rule", "reason"]], max_rows=50),
         "foreign_ids_dropped": int(sk["foreign_ids_dropped"].sum()),
         "min_coverage": float(sk["coverage"].min()) if len(sk) else 0.0,
     }
@@ -228,8 +234,13 @@ def resolved(
             "curves are skipped, and the raw payout basis or TC on 'return', if configured, "
             "fail."
         )
-    metadata = {"round": r, "rows": counts["resolved"], **_resolved_metadata(frame, universe)}
-    yield dg.Output(frame, metadata={**metadata, "write_seconds": t["seconds"]})
+    metadata = {
+        "round": r,
+        **warehouse_table("resolved", counts["resolved"]),
+        **_resolved_metadata(frame, universe),
+        "write_seconds": t["seconds"],
+    }
+    yield dg.Output(frame, metadata=rounded(metadata))
 
 
 def _resolved_metadata(frame: pd.DataFrame, universe: pd.DataFrame) -> dict:
@@ -319,7 +330,7 @@ def submission_rejections(
             "rejected": len(rejected),
             "rejected_share": share,
             "rejected_by_rule": {f"{k}/{rule}": int(n) for (k, rule), n in by_rule.items()},
-            "rejections": markdown_table(rejected[["kind", "model_id", "reason"]], max_rows=20),
+            "rejections": metadata_table(rejected[["kind", "model_id", "reason"]], max_rows=20),
         },
     )
 

@@ -10,7 +10,7 @@ import pandas as pd
 
 from tc_assets.defs.checks import check_finite, round_check
 from tc_assets.defs.config import MetricsConfig, settings_of
-from tc_assets.defs.metadata import markdown_table, timer
+from tc_assets.defs.metadata import metadata_table, plain, timer, warehouse_table
 from tc_assets.defs.partitions import round_asset, round_of
 from tc_assets.defs.resources import WarehouseResource
 from tc_assets.scoring.meta_model import swmm
@@ -47,7 +47,7 @@ def meta_model(
     with timer() as t:
         x = swmm(predictions, stakes["stake"])
     frame = pd.DataFrame({"id": x.index.to_numpy(), "swmm": x.to_numpy(), "weight": np.nan})
-    warehouse.get().write_round(r, {"meta_model": frame})
+    counts = warehouse.get().write_round(r, {"meta_model": frame})
     stake = stakes["stake"].reindex(predictions.columns).fillna(0.0)
     staked = stake[stake > 0].sort_values(ascending=False)
     share = (staked / staked.sum()).rename("stake_share").reset_index()
@@ -55,12 +55,13 @@ def meta_model(
         x,
         metadata={
             "round": r,
+            **warehouse_table("meta_model", counts["meta_model"]),
             "ids": len(x),
             "staked_models": len(staked),
-            "total_stake": float(staked.sum()),
-            "largest_stake_share": float(share["stake_share"].max()),
-            "top_stakes": markdown_table(share.head(10)),
-            "swmm_std": float(x.std()),
+            "total_stake": plain(staked.sum()),
+            "largest_stake_share": plain(share["stake_share"].max()),
+            "top_stakes": metadata_table(share.head(10)),
+            "swmm_std": plain(x.std()),
             "seconds": t["seconds"],
         },
     )
@@ -90,17 +91,18 @@ def feature_exposures(
             settings_of(config, MetricsSettings),
         )
     tables = {"feature_exposures": exposures_long(exposures)}
-    warehouse.get().write_round(r, {**tables, "exposure_metrics": per_model.reset_index()})
+    counts = warehouse.get().write_round(r, {**tables, "exposure_metrics": per_model.reset_index()})
     top = per_model.sort_values("max_feature_exposure", ascending=False).reset_index()
     return dg.Output(
         per_model,
         metadata={
             "round": r,
+            **warehouse_table("feature_exposures", counts["feature_exposures"]),
             "models": len(per_model),
             "features": exposures.shape[1],
             "rows": int(exposures.size),
-            "most_exposed": markdown_table(top.head(10)),
-            "median_max_feature_exposure": float(per_model["max_feature_exposure"].median()),
+            "most_exposed": metadata_table(top.head(10)),
+            "median_max_feature_exposure": plain(per_model["max_feature_exposure"].median()),
             "seconds": t["seconds"],
         },
     )
@@ -131,17 +133,18 @@ def model_metrics(
         )
     metrics = metrics.join(feature_exposures[["exposure_dissimilarity", "max_feature_exposure"]])
     metrics = metrics[list(MODEL_METRICS)]
-    warehouse.get().write_round(r, {"model_metrics": metrics.reset_index()})
+    counts = warehouse.get().write_round(r, {"model_metrics": metrics.reset_index()})
     return dg.Output(
         metrics,
         metadata={
             "round": r,
+            **warehouse_table("model_metrics", counts["model_metrics"]),
             "models": len(metrics),
-            "top_models": markdown_table(_top_models(metrics).reset_index()),
-            "summary": markdown_table(
+            "top_models": metadata_table(_top_models(metrics).reset_index()),
+            "summary": metadata_table(
                 metrics.describe().T.reset_index().rename(columns={"index": "metric"})
             ),
-            "mean_corr": float(metrics["corr"].mean()),
+            "mean_corr": plain(metrics["corr"].mean()),
             "corr_fnc_v3_correlation": float(metrics["corr"].corr(metrics["fnc_v3"])),
             "seconds": t["seconds"],
         },

@@ -7,6 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
+import pandas as pd
+
+from tc_assets.defs.metadata import metadata_table
 
 ROUNDS_PARTITIONS_NAME = "rounds"
 
@@ -39,7 +42,12 @@ def round_of(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) 
 
 def round_failure(r: int, error: Exception | str, **metadata: Any) -> dg.Failure:
     """A failure of round r's step that retrying cannot mend (a bad input, a problem without a
-    solution): its message in the UI and the CLI, no stack trace, no retry."""
+    solution): its message in the UI and the CLI, no retry. Raise it `from None`: the cause is
+    not a bug, its stack trace would only bury the message. The offending rows of a file
+    (`RoundInputError.rows`) go to the metadata as a table."""
+    rows = getattr(error, "rows", None)
+    if rows:
+        metadata["bad_rows"] = metadata_table(pd.DataFrame(rows), max_rows=50)
     return dg.Failure(
         description=str(error), metadata={"round": r, **metadata}, allow_retries=False
     )

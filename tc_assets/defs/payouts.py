@@ -16,9 +16,16 @@ import pandas as pd
 
 from tc_assets.defs.checks import check_within, round_check
 from tc_assets.defs.config import PortfolioPayoutConfig, SharpeContributionConfig, settings_of
-from tc_assets.defs.metadata import key_values, markdown_table, timer
+from tc_assets.defs.metadata import (
+    key_values,
+    metadata_table,
+    plain,
+    rounded,
+    timer,
+    warehouse_table,
+)
 from tc_assets.defs.partitions import WAREHOUSE_POOL, round_asset, round_failure, round_of
-from tc_assets.defs.plots import capacity_figure, plot_metadata
+from tc_assets.defs.plots import capacity_figure, capacity_summary, plot_metadata
 from tc_assets.defs.resources import WarehouseResource
 from tc_assets.io import queries
 from tc_assets.io.warehouse import Warehouse
@@ -99,13 +106,13 @@ def payouts(
         counts = wh.write_round(r, tables)
     metadata = {
         "round": r,
-        "rows": counts["payouts"],
+        **warehouse_table("payouts", counts["payouts"]),
         **_payouts_metadata(result.table, summary, rules),
-        "not_paid": markdown_table(result.unpaid, max_rows=30, floatfmt=".2f"),
+        "not_paid": metadata_table(result.unpaid, max_rows=30),
         "compute_seconds": t["seconds"],
         "write_seconds": t_write["seconds"],
     }
-    return dg.Output(result.table, metadata=metadata)
+    return dg.Output(result.table, metadata=rounded(metadata))
 
 
 def _payouts_metadata(table: pd.DataFrame, summary: dict, rules: PayoutRules) -> dict:
@@ -116,8 +123,8 @@ def _payouts_metadata(table: pd.DataFrame, summary: dict, rules: PayoutRules) ->
     totals = ("total_payout", "models_paid", "payout_factor", "total_gains", "total_losses")
     return {
         **{k: summary[k] for k in (*totals, "clipped")},
-        "largest_gains": markdown_table(gains[shown].head(5), max_rows=5),
-        "largest_losses": markdown_table(losses[shown].head(5), max_rows=5),
+        "largest_gains": metadata_table(gains[shown].head(5), max_rows=5),
+        "largest_losses": metadata_table(losses[shown].head(5), max_rows=5),
         "summary": key_values(
             summary | {"stake_threshold": rules.stake_threshold, "clip": rules.clip}
         ),
@@ -163,7 +170,7 @@ def _score_portfolios(
             settings,
         )
     except ValueError as exc:
-        raise round_failure(r, f"round {r}: {exc}") from exc
+        raise round_failure(r, f"round {r}: {exc}") from None
     table = scored.table
     if scored.terms is None or not scored.has_returns or not len(table):
         return scored, pd.DataFrame(columns=pw.CAPACITY_COLUMNS), factor
@@ -205,13 +212,13 @@ def portfolio_scores(
         counts = wh.write_round(r, {**tables, "capacity_curves": curves})
     metadata = {
         "round": r,
-        "rows": counts["portfolio_scores"],
+        **warehouse_table("portfolio_scores", counts["portfolio_scores"]),
         **_portfolio_metadata(scored, queries.rejections(wh, r, "portfolio"), factor, settings),
         "compute_seconds": t["seconds"],
         "write_seconds": t_write["seconds"],
     }
     plot = _capacity_plot(curves, scored, settings, Path(warehouse.directory) / PLOT_DIR, r)
-    return dg.Output(scored.table, metadata={**metadata, **plot})
+    return dg.Output(scored.table, metadata=rounded({**metadata, **plot}))
 
 
 def _capacity_plot(
@@ -227,7 +234,10 @@ def _capacity_plot(
     if not len(curves):
         return {}
     fig = capacity_figure(curves, scored.table, settings.long_market_value_usd, r)
-    return plot_metadata(fig, folder / f"round_{r}.png", "capacity_plot", "capacity curves")
+    summary = capacity_summary(scored.table)
+    return plot_metadata(
+        fig, folder / f"round_{r}.png", "capacity_plot", "capacity curves", summary
+    )
 
 
 def _portfolio_metadata(
@@ -243,7 +253,7 @@ def _portfolio_metadata(
     return {
         "models_scored": len(table),
         "models_rejected": len(rejected) + len(scored.rejected),
-        "rejected_at_ingestion": markdown_table(rejected, max_rows=20),
+        "rejected_at_ingestion": metadata_table(rejected, max_rows=20),
         "cost_model": scored.cost_model,
         "bucket_per_return": settings.bucket_per_return,
         "meta_mb": float(meta["mb"]),
@@ -254,7 +264,7 @@ def _portfolio_metadata(
         "payout_factor": factor,
         "total_payout": float(table["payout"].sum()),
         "scenarios": {k: int(v) for k, v in scenarios.items()},
-        "scores": markdown_table(
+        "scores": metadata_table(
             table[shown].assign(capacity_musd=table["capacity_usd"] / 1e6), max_rows=30
         ),
     }
@@ -300,11 +310,11 @@ def sharpe_contribution_asset(
         out,
         metadata={
             "round": r,
-            "rows": counts["sharpe_contribution"],
+            **warehouse_table("sharpe_contribution", counts["sharpe_contribution"]),
             "window_rounds": len(rounds),
             "window": f"{min(rounds)}-{max(rounds)}" if rounds else "",
-            "meta_sharpe": float(out["meta_sharpe"].iloc[0]) if len(out) else float("nan"),
-            "ranking": markdown_table(out, max_rows=20),
+            "meta_sharpe": plain(out["meta_sharpe"].iloc[0]) if len(out) else None,
+            "ranking": metadata_table(out, max_rows=20),
         },
     )
 

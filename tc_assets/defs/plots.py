@@ -1,6 +1,7 @@
 """Every plot of the platform (matplotlib, Agg, no pyplot state), and the one way a plot
-reaches the user: saved as PNG beside the warehouse and attached to the materialization as a
-markdown image (a data URI, which the Dagster UI's markdown renderer allows) with its path.
+reaches the user: saved as a small PNG (72 dpi) beside the warehouse and attached to the
+materialization as a markdown image (a data URI, which the Dagster UI's markdown renderer
+allows), with its path and a one-line numeric summary that is always visible.
 """
 
 import base64
@@ -19,21 +20,58 @@ from matplotlib.figure import Figure
 
 from tc_assets.scoring.proxy_model import INTERACTION_TERM, ProxyResult
 
+PNG_DPI = 72
+
 
 def png_bytes(fig: Figure) -> bytes:
     """The figure as PNG bytes."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
+    fig.savefig(buf, format="png", bbox_inches="tight", dpi=PNG_DPI)
     return buf.getvalue()
 
 
-def plot_metadata(fig: Figure, path: Path, key: str, alt: str) -> dict[str, dg.MetadataValue]:
-    """Save the figure as PNG at `path`; metadata `key` (the image) and `<key>_path`."""
+def plot_metadata(
+    fig: Figure, path: Path, key: str, alt: str, summary: str
+) -> dict[str, dg.MetadataValue]:
+    """Save the figure as PNG at `path`; metadata `key` (the image), `<key>_summary` (what it
+    shows, in one line of figures) and `<key>_path`."""
     png = png_bytes(fig)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(png)
     image = f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
-    return {key: dg.MetadataValue.md(image), f"{key}_path": dg.MetadataValue.path(str(path))}
+    return {
+        f"{key}_summary": dg.MetadataValue.text(summary),
+        key: dg.MetadataValue.md(image),
+        f"{key}_path": dg.MetadataValue.path(str(path)),
+    }
+
+
+def capacity_summary(table: pd.DataFrame) -> str:
+    """One line: how many portfolios, the largest capacity and whose, how many never pay."""
+    caps = table.set_index("model_id")["capacity_usd"]
+    paying = caps[(caps > 0) & np.isfinite(caps)]
+    best = (
+        f"largest capacity ${paying.max() / 1e6:,.1f}M ({paying.idxmax()})"
+        if len(paying)
+        else "none pays"
+    )
+    return f"{len(caps)} portfolios; {best}; {len(caps) - len(paying)} never pay"
+
+
+def importance_summary(result: ProxyResult) -> str:
+    """One line: the top term and its share, the fit's held-out R^2, the rows."""
+    imp = result.importance
+    return (
+        f"top term {imp.index[0]} ({imp['share'].iloc[0]:.0%} of importance, monotonicity "
+        f"{imp['monotonicity'].iloc[0]:+.2f}); held-out R² {result.held_out_r2:.3f}; "
+        f"{result.rows} model-rounds"
+    )
+
+
+def shapes_summary(result: ProxyResult, terms: list[str]) -> str:
+    """One line: each plotted term's monotonicity."""
+    mono = result.importance["monotonicity"]
+    return "monotonicity: " + ", ".join(f"{t} {mono[t]:+.2f}" for t in terms)
 
 
 # --- portfolio-weight submissions -----------------------------------------------------------

@@ -15,8 +15,10 @@ from the warehouse (`model_metrics` joined with `tc_scores`), and writes `tc_pro
   ran, and a re-run of an old round could not reproduce it.
 
 A window with too few rounds (a young deployment, the first rounds of a backfill) is not an
-error of the round: by default the asset logs the reason and does not materialize, so the
-round's job still succeeds; `fail_when_short` makes it fail with the same message.
+error of the round: by default the asset logs the reason and records the skip as its
+materialization (`fitted: false` and the reason; no fit is written, an earlier fit of the
+window is removed), so the round's job succeeds and the round counts as done in the partition
+views; `fail_when_short` makes it fail with the same message.
 
 Plots (plots.py): importances as a bar chart and the shape functions of the top terms, saved
 as PNG under `<warehouse dir>/tc_proxy/` and attached as markdown images, with their paths.
@@ -30,10 +32,16 @@ import pandas as pd
 
 from tc_assets.defs.config import ProxyConfig, settings_of
 from tc_assets.defs.contribution import tc_scores
-from tc_assets.defs.metadata import markdown_table, timer
+from tc_assets.defs.metadata import metadata_table, timer
 from tc_assets.defs.metrics import model_metrics
 from tc_assets.defs.partitions import round_asset, round_failure, round_of
-from tc_assets.defs.plots import importance_figure, plot_metadata, shapes_figure
+from tc_assets.defs.plots import (
+    importance_figure,
+    importance_summary,
+    plot_metadata,
+    shapes_figure,
+    shapes_summary,
+)
 from tc_assets.defs.resources import WarehouseResource
 from tc_assets.io import queries
 from tc_assets.io.warehouse import Warehouse
@@ -97,7 +105,6 @@ def proxy_tables(result: ProxyResult, plots: dict[str, Path]) -> dict[str, pd.Da
     group=GROUP,
     kinds={"scikitlearn", "duckdb"},
     deps=[model_metrics, tc_scores],
-    output_required=False,
 )
 def tc_proxy_model(
     context: dg.AssetExecutionContext, config: ProxyConfig, warehouse: WarehouseResource
@@ -117,9 +124,12 @@ def tc_proxy_model(
             result = fit_tc_proxy(frame, settings, window_end=r)
     except InsufficientRoundsError as exc:
         if config.fail_when_short:
-            raise round_failure(r, exc) from exc
-        context.log.warning(f"tc_proxy_model[{r}] not materialized: {exc}")
+            raise round_failure(r, exc) from None
+        context.log.warning(f"tc_proxy_model[{r}]: no fit: {exc}")
         wh.clear_partition(r, PROXY_TABLES)  # an earlier fit of this window no longer holds
+        yield dg.MaterializeResult(
+            metadata={"window_end": r, "fitted": False, "reason": str(exc), "rows": len(frame)}
+        )
         return
     plots = _plots(result, warehouse.directory / PLOT_DIR, r, config.plot_terms)
     paths = {name: Path(plots[f"{name}_plot_path"].value) for name in ("importance", "shapes")}
@@ -128,6 +138,7 @@ def tc_proxy_model(
     timings = {"read_seconds": t_read, "fit_seconds": t_fit, "write_seconds": t_write}
     yield dg.MaterializeResult(
         metadata={
+            "fitted": True,
             **_fit_metadata(r, result),
             **plots,
             "shape_rows": counts["tc_proxy_shape"],
@@ -138,17 +149,21 @@ def tc_proxy_model(
 
 def _plots(result: ProxyResult, folder: Path, r: int, terms: int) -> dict[str, dg.MetadataValue]:
     """The importances and the shape functions of the top `terms`, saved and attached."""
-    importance = importance_figure(result)
-    shapes = shapes_figure(result, result.top_terms(terms))
+    top = result.top_terms(terms)
     return {
         **plot_metadata(
-            importance,
+            importance_figure(result),
             folder / f"window_{r}_importance.png",
             "importance_plot",
             "TC proxy importances",
+            importance_summary(result),
         ),
         **plot_metadata(
-            shapes, folder / f"window_{r}_shapes.png", "shapes_plot", "TC proxy shape functions"
+            shapes_figure(result, top),
+            folder / f"window_{r}_shapes.png",
+            "shapes_plot",
+            "TC proxy shape functions",
+            shapes_summary(result, top),
         ),
     }
 
@@ -176,7 +191,7 @@ def _fit_metadata(r: int, result: ProxyResult) -> dict:
         **_fit_quality(result),
         "top_term": imp.index[0],
         "top_term_monotonicity": float(imp["monotonicity"].iloc[0]),
-        "importance": markdown_table(imp.reset_index(), max_rows=len(imp)),
+        "importance": metadata_table(imp.reset_index(), max_rows=len(imp)),
     }
 
 

@@ -3,29 +3,31 @@
 Analysts own the SQL (staging views, the marts `round_leaderboard`, `model_reputation`,
 `round_summary`, `portfolio_leaderboard`, and their tests); this module only wires it in:
 
-* the assets come from the dbt manifest, which is built, not committed (`make dbt-manifest`,
-  i.e. `dbt parse`; `dagster dev` re-parses on load). They are built when the Definitions are
-  (`build_defs`, cached), not at import: without a manifest, building them fails with the
-  command to run;
+* the project ships inside the package (`tc_assets/dbt_metrics/`); its manifest is parsed on
+  first use into a user-writable cache, one folder per version of the project's files
+  (`prepare_manifest`), so an installed package works anywhere and an edited model is picked
+  up on the next load. The assets are built when the Definitions are (`build_defs`, cached),
+  not at import;
 * each dbt source declares, in `meta.dagster.asset_key`, the Python asset that writes its table,
   so the dbt models are drawn downstream of the Python assets and run after them in the same
   `score_round` run (skipped with them while the round awaits resolution);
-* a run of round R is `dbt build --vars '{"round": R}'`: incremental marts delete and re-insert
-  round R only (config `full_refresh`: every round), and every dbt test runs (a failing test
-  fails the step; tests on models are asset checks). dbt writes the file of the `warehouse`
+* a run of round R is `dbt build` with TC_DBT_ROUND=R (by hand: `--vars '{"round": R}'`):
+  incremental marts delete and re-insert round R only (config `full_refresh`: every round),
+  and every dbt test runs (a failing test fails the step; tests on models are checks of the
+  models, tests on sources checks of the Python assets that write them).
+  The round is not a `--vars` and dbt's parse of the project is kept beside the warehouse
+  (`dbt/partial_parse.msgpack`), so a round's build does not parse the whole project again. dbt writes the file of the `warehouse`
   resource (passed in TC_WAREHOUSE, which profiles.yml reads), inside the writers' pool, so it
   never meets a Python writer.
 """
 
 import hashlib
-import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
-import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -40,16 +42,24 @@ from dagster_dbt import (
 )
 
 from tc_assets.defs.config import DbtBuildConfig
-from tc_assets.defs.metadata import markdown_table, scalars
+from tc_assets.defs.env import environment
+from tc_assets.defs.metadata import metadata_table, scalars
 from tc_assets.defs.partitions import WAREHOUSE_POOL, round_of, rounds_partitions
 from tc_assets.defs.resources import WarehouseResource
 from tc_assets.io import queries
 from tc_assets.io.warehouse import WarehouseError
 
 GROUP = "reporting"
-DBT_PROJECT_DIR = Path(__file__).resolve().parents[2] / "dbt_metrics"
+# The dbt project ships inside the package; its manifest is parsed on first use.
+DBT_PROJECT_DIR = Path(__file__).resolve().parents[1] / "dbt_metrics"
+DBT_CACHE_ENV = "TC_DBT_CACHE"
 WAREHOUSE_ENV = "TC_WAREHOUSE"  # read by dbt_metrics/profiles.yml
-MANIFEST_COMMAND = "make dbt-manifest  (or: cd dbt_metrics && dbt parse)"
+ROUND_ENV = "TC_DBT_ROUND"  # the round a build rebuilds (dbt_metrics/macros/run_round.sql)
+PARTIAL_PARSE = "partial_parse.msgpack"
+# dbt's parse of the project for one warehouse, kept beside it between rounds' builds.
+PARTIAL_PARSE_CACHE = f"dbt/{PARTIAL_PARSE}"
+DBT_SCHEMAS = {"staging", "reporting"}  # the first part of a dbt model's asset key
+_NOT_PROJECT = {"target", "logs", "dbt_packages"}
 
 # What the UI shows of a mart's round: columns, and the ranking column to sort by.
 PREVIEWS: dict[str, tuple[str, str]] = {
@@ -73,10 +83,14 @@ class ReportingTranslator(DagsterDbtTranslator):
     """dbt sources keyed as the Python assets that write their tables; models keyed
     `<schema>/<name>` (e.g. `reporting/round_leaderboard`, `staging/stg_payouts`), all in the
     `reporting` group. Several sources may name one asset (payouts and payout_summary are both
-    written by `payouts`)."""
+    written by `payouts`). Source tests are asset checks of the Python asset they test."""
 
     def __init__(self) -> None:
-        super().__init__(DagsterDbtTranslatorSettings(enable_duplicate_source_asset_keys=True))
+        super().__init__(
+            DagsterDbtTranslatorSettings(
+                enable_duplicate_source_asset_keys=True, enable_source_tests_as_checks=True
+            )
+        )
 
     def get_asset_key(self, dbt_resource_props: Mapping[str, Any]) -> dg.AssetKey:
         if dbt_resource_props["resource_type"] == "source":
@@ -92,40 +106,41 @@ class ReportingTranslator(DagsterDbtTranslator):
     def get_group_name(self, dbt_resource_props: Mapping[str, Any]) -> str | None:
         return GROUP
 
+    def get_asset_check_spec(
+        self,
+        asset_spec: dg.AssetSpec,
+        manifest: Mapping[str, Any],
+        unique_id: str,
+        project: DbtProject | None,
+    ) -> dg.AssetCheckSpec | None:
+        """dbt's check of a test; a source test's check does not block: blocking would order
+        the dbt step before the Python assets downstream of the tested table, which the dbt
+        models read, and split the build into several. A failing test fails the dbt step
+        (and the run) all the same."""
+        spec = super().get_asset_check_spec(asset_spec, manifest, unique_id, project)
+        if spec is None or asset_spec.key.path[0] in DBT_SCHEMAS:
+            return spec
+        return spec._replace(blocking=False)
 
-def _newest_source_mtime(project_dir: Path) -> float:
-    """Latest modification time of the project's own files (not target/ or logs/)."""
-    skip = {project_dir / "target", project_dir / "logs", project_dir / "dbt_packages"}
-    times = [
-        p.stat().st_mtime
-        for p in project_dir.rglob("*")
-        if p.suffix in {".sql", ".yml", ".yaml"} and not any(d in p.parents for d in skip)
-    ]
-    return max(times, default=0.0)
+
+def project_fingerprint(project_dir: Path) -> str:
+    """A hash of the project's own files (names and contents; not target/ or logs/)."""
+    digest = hashlib.sha256()
+    for p in sorted(project_dir.rglob("*")):
+        rel = p.relative_to(project_dir)
+        if p.suffix in {".sql", ".yml", ".yaml"} and rel.parts[0] not in _NOT_PROJECT:
+            digest.update(str(rel).encode() + b"\0" + p.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
-def manifest_is_current(project: DbtProject) -> bool:
-    """Whether the manifest exists and is newer than every file of the project."""
-    path = project.manifest_path
-    return path.exists() and path.stat().st_mtime >= _newest_source_mtime(project.project_dir)
-
-
-def load_manifest(project: DbtProject) -> Path:
-    """The project's manifest.json: a clear error when missing, a warning when older than the
-    project's files (models edited since the last `dbt parse`)."""
-    path = project.manifest_path
-    if not path.exists():
-        raise ReportingSetupError(
-            f"dbt manifest {path} not found. It is built from the dbt project, not committed: "
-            f"run `{MANIFEST_COMMAND}` (make demo, make test and make dev do it)."
-        )
-    if path.stat().st_mtime < _newest_source_mtime(project.project_dir):
-        warnings.warn(
-            f"dbt manifest {path} is older than the dbt project's files; run "
-            f"`{MANIFEST_COMMAND}` to pick up the changes",
-            stacklevel=2,
-        )
-    return path
+def manifest_dir(project_dir: Path) -> Path:
+    """Where the manifest of this version of the project is parsed to: user-writable
+    ($TC_DBT_CACHE, default ~/.cache/tc-platform/dbt), one folder per project fingerprint, so
+    an edited project is parsed again and an installed package never writes into itself."""
+    cache = os.environ.get(DBT_CACHE_ENV) or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "tc-platform", "dbt"
+    )
+    return Path(cache).expanduser().resolve() / project_fingerprint(project_dir)
 
 
 def dbt_executable() -> str:
@@ -165,25 +180,51 @@ def guarded_dbt_executable(dbt: str) -> str:
     return str(path)
 
 
-dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
+def prepare_manifest(project: DbtProject) -> Path:
+    """The project's manifest.json, parsed on first use (`dbt parse`, no database needed).
+
+    dbt writes into a fresh folder beside the manifest, which is then moved into place in one
+    step: processes loading the Definitions at once (webserver, daemon) each read a whole file.
+    """
+    path = project.manifest_path
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="parse-", dir=path.parent))
+    try:
+        proc = subprocess.run(
+            [dbt_executable(), "parse", "--quiet", "--target-path", str(scratch)]
+            + [
+                "--project-dir",
+                str(project.project_dir),
+                "--profiles-dir",
+                str(project.profiles_dir),
+            ],
+            env={
+                **os.environ,
+                "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+                "DBT_LOG_PATH": str(scratch),
+            },
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0 or not (scratch / "manifest.json").exists():
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+            raise ReportingSetupError(f"dbt parse of {project.project_dir} failed:\n{tail}")
+        os.replace(scratch / "manifest.json", path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return path
+
+
+dbt_project = DbtProject(
+    project_dir=DBT_PROJECT_DIR,
+    profiles_dir=DBT_PROJECT_DIR,
+    target_path=manifest_dir(DBT_PROJECT_DIR),
+)
 dbt_cli = DbtCliResource(
     project_dir=dbt_project, dbt_executable=guarded_dbt_executable(dbt_executable())
 )
-
-
-@contextmanager
-def _environment(values: Mapping[str, str]) -> Iterator[None]:
-    """Set environment variables for the block (a subprocess started in it inherits them)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _relation(node: Mapping[str, Any]) -> str:
@@ -205,13 +246,33 @@ def _round_metadata(
         name = node["name"]
         if name in PREVIEWS:
             top = queries.relation_top(wh, _relation(node), *PREVIEWS[name], r)
-            out[uid]["top"] = markdown_table(top, max_rows=10)
+            out[uid]["top"] = metadata_table(top, max_rows=10)
         elif name == "round_summary":
             # One number per field, so the UI plots each across rounds.
             row = queries.relation_round(wh, _relation(node), r)
             if len(row):
                 out[uid].update(scalars(row.iloc[0].to_dict()))
     return out
+
+
+def _reuse_parse(warehouse: Path, target: Path) -> Path:
+    """Give this build the parse kept for `warehouse` (if any); returns where it is kept."""
+    cache = warehouse.parent / PARTIAL_PARSE_CACHE
+    if cache.exists():
+        shutil.copy(cache, target / PARTIAL_PARSE)
+    return cache
+
+
+def _keep_parse(produced: Path, cache: Path) -> None:
+    """Keep the parse dbt just made for the next round's build of this warehouse. The round is
+    passed in ROUND_ENV, not `--vars`, and the warehouse path stays the same, so the next build
+    reuses it (a changed var or profile would make dbt parse the whole project again)."""
+    if not produced.exists():
+        return
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+    shutil.copy(produced, tmp)
+    os.replace(tmp, cache)
 
 
 def _unique_id(event: Any) -> str | None:
@@ -269,25 +330,25 @@ def _build_round(
     warehouse: WarehouseResource,
 ) -> Iterator[Any]:
     """The body of `dbt_metrics`: `dbt build` of the selected models and their tests for the
-    round (`--vars round`), or of every round with `full_refresh`.
+    round (ROUND_ENV), or of every round with `full_refresh`.
 
     Events are collected while dbt runs and yielded when it exits: the warehouse file is dbt's
     until then, and each model's materialization carries its rows of the round (and the top of
     each mart), read afterwards.
     """
     r = round_of(context)
-    path = str(Path(warehouse.path).expanduser().resolve())
+    path = Path(warehouse.path).expanduser().resolve()
     # This invocation's artifacts (run_results.json, dbt.log): kept only if the build fails.
     target = Path(tempfile.mkdtemp(prefix=f"dbt_metrics_round_{r}_"))
-    args = ["build", "--vars", json.dumps({"round": r})]
-    if config.full_refresh:
-        args.append("--full-refresh")
+    parsed = _reuse_parse(path, target)
+    args = ["build", *(["--full-refresh"] if config.full_refresh else [])]
     wait_for_lock(warehouse)  # dbt's own connect retries then only cover a moment
     # No colour codes in dbt's output: it ends up in failure messages, logs and the terminal.
-    with _environment({WAREHOUSE_ENV: path, "DBT_USE_COLORS": "false"}):
+    with environment({WAREHOUSE_ENV: str(path), ROUND_ENV: str(r), "DBT_USE_COLORS": "false"}):
         invocation = dbt.cli(args, context=context, raise_on_error=False, target_path=target)
     events = list(invocation.stream())
     error = invocation.get_error()
+    _keep_parse(target / PARTIAL_PARSE, parsed)
     built = {
         uid: invocation.manifest["nodes"][uid]
         for uid in (_unique_id(e) for e in events)
@@ -306,13 +367,10 @@ def _build_round(
 @cache
 def build_defs() -> dg.Definitions:
     """The dbt models and their tests as assets and checks of the `reporting` group, with the
-    `dbt` resource. Built on first call from the manifest (see `load_manifest`); under
-    `dagster dev` the project is parsed again first, so edited models show on reload."""
-    if os.environ.get("DAGSTER_IS_DEV_CLI"):
-        dbt_cli.cli(["parse", "--quiet"], target_path=dbt_project.target_path).wait()
+    `dbt` resource. Built on first call from the manifest (see `prepare_manifest`)."""
 
     @dbt_assets(
-        manifest=load_manifest(dbt_project),
+        manifest=prepare_manifest(dbt_project),
         project=dbt_project,
         dagster_dbt_translator=ReportingTranslator(),
         partitions_def=rounds_partitions,
@@ -325,7 +383,7 @@ def build_defs() -> dg.Definitions:
         dbt: DbtCliResource,
         warehouse: WarehouseResource,
     ) -> Iterator[Any]:
-        """`dbt build` of the selected models and their tests for the round (`--vars round`),
+        """`dbt build` of the selected models and their tests for the round (TC_DBT_ROUND),
         or of every round with `full_refresh`."""
         yield from _build_round(context, config, dbt, warehouse)
 

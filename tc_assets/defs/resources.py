@@ -3,8 +3,8 @@ per deployment."""
 
 from __future__ import annotations
 
+import io
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from dagster_aws.s3.io_manager import PickledObjectS3IOManager
 from pydantic import Field
 from upath import UPath
 
+from tc_assets.io import values
 from tc_assets.io.s3_source import (
     DEFAULT_MAX_ATTEMPTS,
     ENDPOINT_ENV,
@@ -112,8 +113,9 @@ def _never_produced(context: dg.InputContext) -> dg.Failure:
 
 
 class _RoundValues(dg.UPathIOManager):
-    """One pickle per asset and partition under `base_dir` (`<asset>/<round>`); a missing
-    upstream value is a clear error."""
+    """One file per asset and partition under `base_dir` (`<asset>/<round>`) in the format of
+    `io/values.py` (a float64 matrix memory-mapped, anything else pickled), written atomically;
+    a missing upstream value is a clear error."""
 
     extension = ""
 
@@ -121,12 +123,10 @@ class _RoundValues(dg.UPathIOManager):
         super().__init__(base_path=UPath(base_dir))
 
     def dump_to_path(self, context: dg.OutputContext, obj: Any, path: UPath) -> None:
-        with path.open("wb") as file:
-            pickle.dump(obj, file, pickle.HIGHEST_PROTOCOL)
+        values.save(obj, path.path)
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> Any:
-        with path.open("rb") as file:
-            return pickle.load(file)
+        return values.load(path.path)
 
     def load_input(self, context: dg.InputContext) -> object:
         try:
@@ -136,7 +136,22 @@ class _RoundValues(dg.UPathIOManager):
 
 
 class _S3RoundValues(PickledObjectS3IOManager):
-    """dagster-aws's pickle-per-asset-partition storage on S3; a missing value is a clear error."""
+    """dagster-aws's per-asset-partition storage on S3, in the format of `io/values.py` (a
+    float64 matrix as raw columns viewed in the downloaded bytes, anything else pickled); a
+    missing value is a clear error."""
+
+    def dump_to_path(self, context: dg.OutputContext, obj: Any, path: UPath) -> None:
+        buffer = io.BytesIO()
+        values.write_value(obj, buffer)
+        buffer.seek(0)
+        self.s3.upload_fileobj(buffer, self.bucket, path.as_posix())
+
+    def load_from_path(self, context: dg.InputContext, path: UPath) -> Any:
+        try:
+            body = self.s3.get_object(Bucket=self.bucket, Key=path.as_posix())["Body"].read()
+        except self.s3.exceptions.NoSuchKey:
+            raise FileNotFoundError(f"{self._uri_for_path(path)} not found") from None
+        return values.read_value(body)
 
     def load_input(self, context: dg.InputContext) -> object:
         try:
@@ -146,7 +161,7 @@ class _S3RoundValues(PickledObjectS3IOManager):
 
 
 class RoundStorage(dg.FilesystemIOManager):
-    """Where the assets' values live between steps and runs: one pickle per asset and round
+    """Where the assets' values live between steps and runs: one file per asset and round
     under `base_dir`. Loading a value that was never produced (an asset materialized alone
     before its inputs, or before the round resolved) fails with a message, not a stack trace."""
 
@@ -157,8 +172,8 @@ class RoundStorage(dg.FilesystemIOManager):
 
 class S3RoundStorage(dg.ConfigurableIOManagerFactory):
     """The assets' values on S3, for runs in separate containers or machines (deploy/): one
-    pickle per asset and round at s3://`s3_bucket`/`s3_prefix`/<asset>/<round>, written and read
-    as dagster-aws's S3PickleIOManager does. A value never produced fails as RoundStorage's."""
+    object per asset and round at s3://`s3_bucket`/`s3_prefix`/<asset>/<round>, in the format of
+    RoundStorage's files. A value never produced fails as RoundStorage's."""
 
     s3_bucket: str = Field(description="Bucket of the values (it must exist).")
     s3_prefix: str = Field(default="", description="Key prefix inside the bucket.")

@@ -52,7 +52,22 @@ class Rule:
 
 
 class RoundInputError(ValueError):
-    """A required input of a round is missing or malformed: the round's ingestion fails whole."""
+    """A required input of a round is missing or malformed: the round's ingestion fails whole.
+    `rows` lists the offending rows of a file (line, model_id, problem) when there are any."""
+
+    def __init__(self, message: str, rows: list[dict[str, object]] | None = None) -> None:
+        super().__init__(message)
+        self.rows = rows or []
+
+
+def shown(value: object) -> str:
+    """A cell as written in the file: numbers plainly (-5, 0.5, nan), text quoted."""
+    if isinstance(value, str):
+        return repr(value)
+    try:
+        return f"{float(value):g}"
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 @dataclass(frozen=True)
@@ -236,36 +251,50 @@ def validate_stakes(
     missing = [c for c in STAKE_COLUMNS if c not in df.columns]
     if missing:
         raise RoundInputError(f"{STAKES_FILE}: missing column(s) {missing}")
-    problems: list[str] = []
+    problems: list[dict[str, object]] = []
     ids = df["model_id"].astype("string")
     counts = ids.value_counts()
     numeric = {c: pd.to_numeric(df[c], errors="coerce") for c in STAKE_COLUMNS[1:]}
     allowed = {"corr_multiplier": allowed_corr_multipliers, "tc_multiplier": allowed_tc_multipliers}
-    for i in range(len(df)):
+    # Only rows a vectorized pass flags are examined one by one (and worded) below.
+    text = ids.fillna("")
+    flagged = (
+        ids.isna() | ~text.str.fullmatch(MODEL_ID_PATTERN.pattern) | ids.duplicated(keep=False)
+    )
+    for col in STAKE_COLUMNS[1:]:
+        v = numeric[col].to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = ~np.isfinite(v) | (v < 0)
+        if allowed.get(col) is not None:
+            bad |= ~np.any(np.abs(v[:, None] - np.array(allowed[col])[None, :]) <= 1e-12, axis=1)
+        flagged |= bad
+    for i in np.flatnonzero(flagged.to_numpy(dtype=bool)):
         row_problems: list[str] = []
         model_id = ids.iloc[i]
         if pd.isna(model_id) or not is_valid_model_id(str(model_id)):
-            row_problems.append(f"invalid model_id {df['model_id'].iloc[i]!r}")
+            row_problems.append(f"invalid model_id {shown(df['model_id'].iloc[i])}")
         elif counts[model_id] > 1:
             row_problems.append(f"model_id {model_id!r} appears {counts[model_id]} times")
         stake = numeric["stake"].iloc[i]
         if not np.isfinite(stake) or stake < 0:
-            row_problems.append(f"stake {df['stake'].iloc[i]!r} is not a finite number >= 0")
+            row_problems.append(f"stake {shown(df['stake'].iloc[i])} is not a finite number >= 0")
         for col in ("corr_multiplier", "tc_multiplier"):
             v = numeric[col].iloc[i]
             if not np.isfinite(v) or v < 0:
-                row_problems.append(f"{col} {df[col].iloc[i]!r} is not a finite number >= 0")
+                row_problems.append(f"{col} {shown(df[col].iloc[i])} is not a finite number >= 0")
             elif allowed[col] is not None and not any(abs(v - a) <= 1e-12 for a in allowed[col]):
                 row_problems.append(
                     f"{col} {v:g} is not an allowed election {sorted(allowed[col])}"
                 )
         if row_problems:
             # Row numbers as in the file: line 1 is the header.
-            problems.append(f"line {i + 2}: " + "; ".join(row_problems))
+            model = None if pd.isna(model_id) else str(model_id)
+            problems.append({"line": i + 2, "model_id": model, "problem": ", ".join(row_problems)})
     if problems:
+        listed = "; ".join(f"line {p['line']}: {p['problem']}" for p in problems)
         raise RoundInputError(
-            f"{STAKES_FILE} has {len(problems)} bad row(s); nothing of this round was written:\n  "
-            + "\n  ".join(problems)
+            f"{STAKES_FILE} has {len(problems)} bad row(s), nothing of this round was written: "
+            + listed,
+            problems,
         )
     out = pd.DataFrame(
         {c: numeric[c].astype("float64").to_numpy() for c in STAKE_COLUMNS[1:]},

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tc_assets.io import contract as c
 from tc_assets.io.source import RoundSource, SourceError, SourceUnavailable
@@ -98,47 +99,216 @@ def _submission_files(
     return unique, rejections
 
 
+@dataclass(frozen=True)
+class _Kind:
+    """How one submission folder is read: its value column, the contract's validator, the value
+    of a cell a model did not submit, and whether the screen checks [0, 1] and spread (predictions)
+    or the portfolio sums."""
+
+    name: str
+    folder: str
+    column: str
+    validate: Callable[[pd.DataFrame, pd.Index], c.Accepted | c.Rejection]
+    fill: float
+
+
+PREDICTION = _Kind("prediction", c.PREDICTIONS_DIR, "prediction", c.validate_predictions, np.nan)
+PORTFOLIO = _Kind("portfolio", c.PORTFOLIOS_DIR, "weight", c.validate_portfolio, 0.0)
+_SCREENED_VALUES = (pa.float64(), pa.float32(), pa.int64(), pa.int32())
+
+
+@dataclass
+class _Submissions:
+    """What a folder's files gave: the aligned matrix (ids x accepted models), the accepted
+    files' counts, the rejections as (model_id, rule, reason)."""
+
+    wide: pd.DataFrame
+    rows: list[dict]
+    rejected: list[tuple[str, str, str]]
+
+
+def _screenable(table: pa.Table, column: str) -> bool:
+    """Whether a table has the plain shape the vectorized screen handles: unique column names,
+    string ids and numeric values without nulls, no pandas index stored in the file. Any other
+    table is judged by the contract's validator on its pandas form, as `read_table` gives it."""
+    names = table.schema.names
+    if len(set(names)) != len(names) or "id" not in names or column not in names:
+        return False
+    meta = table.schema.pandas_metadata
+    if meta and any(not isinstance(i, dict) for i in meta.get("index_columns", [])):
+        return False
+    ids, values = table.column("id"), table.column(column)
+    return (
+        ids.type in (pa.string(), pa.large_string())
+        and values.type in _SCREENED_VALUES
+        and ids.null_count == 0
+        and values.null_count == 0
+    )
+
+
+def _screen(
+    tables: list[pa.Table], kind: _Kind, live: pa.Array, n_live: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every table's rows at once: one hash lookup of all ids in the round's ids.
+
+    Returns (passed per table, rows per table, in-round rows per table, live position per
+    row or -1, value per row). A table passes only when the contract's validator would accept
+    it: unique ids, finite values, and, over the ids of the round, values in [0, 1] that are
+    not all equal and cover at least MIN_COVERAGE (predictions), or sums within half the
+    tolerance (portfolios: a summation order may differ in the last bits; a file nearer the
+    bound is left to the validator).
+    """
+    k = len(tables)
+    lengths = np.array([t.num_rows for t in tables], dtype=np.int64)
+    ids = pa.chunked_array(
+        [chunk for t in tables for chunk in t.column("id").cast(pa.string()).chunks],
+        type=pa.string(),
+    )
+    values = np.concatenate(
+        [t.column(kind.column).cast(pa.float64()).to_numpy() for t in tables]
+        or [np.empty(0, np.float64)]
+    )
+    pos = pc.index_in(ids, value_set=live).fill_null(-1).to_numpy().astype(np.int64)
+    table_of = np.repeat(np.arange(k), lengths)
+    inside = pos >= 0
+    n_in = np.bincount(table_of[inside], minlength=k)
+    ok = np.bincount(table_of, weights=~np.isfinite(values), minlength=k) == 0
+    seen = np.zeros(k * n_live, dtype=bool)  # (table, position) pairs: duplicates in the round
+    seen[table_of[inside] * n_live + pos[inside]] = True
+    ok &= seen.reshape(k, n_live).sum(axis=1) == n_in
+    if not inside.all():  # ids not in the round must be unique too
+        out = pa.table({"t": table_of[~inside], "id": ids.filter(pa.array(~inside))})
+        counts = out.group_by(["t", "id"]).aggregate([([], "count_all")])
+        repeated = pc.greater(counts.column("count_all"), 1)
+        ok[np.unique(counts.column("t").filter(repeated).to_numpy())] = False
+    t_in, v_in = table_of[inside], values[inside]
+    if kind.name == PREDICTION.name:
+        outside = (v_in < 0) | (v_in > 1)
+        ok &= np.bincount(t_in, weights=outside, minlength=k) == 0
+        ok &= np.array([n / n_live >= c.MIN_COVERAGE for n in n_in.tolist()], dtype=bool)
+        lo, hi = np.zeros(k), np.zeros(k)  # tables with no id in the round fail coverage
+        some = n_in > 0
+        firsts = (np.cumsum(n_in) - n_in)[some]  # each table's rows are contiguous
+        if firsts.size:
+            lo[some] = np.minimum.reduceat(v_in, firsts)
+            hi[some] = np.maximum.reduceat(v_in, firsts)
+        ok &= lo < hi
+    else:
+        half = c.PORTFOLIO_TOLERANCE / 2
+        total = np.bincount(t_in, weights=v_in, minlength=k)
+        longs = np.bincount(t_in, weights=np.where(v_in > 0, v_in, 0.0), minlength=k)
+        ok &= (np.abs(total) <= half) & (np.abs(longs - 1.0) <= half)
+    return ok, lengths, n_in, pos, values
+
+
 def _read_submissions(
     source: RoundSource,
     files: dict[str, str],
-    validate: Callable[[pd.DataFrame, pd.Index], c.Accepted | c.Rejection],
+    kind: _Kind,
     live_ids: pd.Index,
-    kind: str,
     progress: Progress | None,
     workers: int,
-) -> tuple[dict[str, c.Accepted], list[tuple[str, str, str]]]:
-    def one(model_id: str) -> tuple[str, c.Accepted | c.Rejection]:
+) -> _Submissions:
+    """Read, validate and align every submission file of a folder, a tenth of them at a time.
+
+    Files are parsed in a thread pool; each tenth is then screened as a whole (`_screen`) and
+    its accepted values scattered into the ids x models matrix with one indexed assignment.
+    Files the screen does not pass (bad files, unusual types) get the contract's validator on
+    the pandas table `read_table` gives: every rejection and its reason come from it.
+    """
+    names = sorted(files)
+    n_live = len(live_ids)
+    live = pa.array(live_ids.to_numpy(dtype=object), pa.string())
+    out = np.full((n_live, len(names)), kind.fill, dtype=np.float64, order="F")
+    flat = out.reshape(-1, order="F")  # a view: column j starts at j * n_live
+    verdicts: dict[str, c.Accepted | c.Rejection | tuple[int, int]] = {}
+
+    def read(model_id: str) -> pa.Table | c.Rejection:
         try:
-            df = source.read_table(files[model_id])
+            return source.read_arrow(files[model_id])
         except SourceUnavailable:
             raise  # the file may be fine: fail the round (retried), never reject the model
         except SourceError as exc:
-            return model_id, c.Rejection(c.Rule.UNREADABLE, str(exc).split(": ", 1)[-1][:500])
-        return model_id, validate(df, live_ids)
+            return c.Rejection(c.Rule.UNREADABLE, str(exc).split(": ", 1)[-1][:500])
 
-    accepted: dict[str, c.Accepted] = {}
-    rejected: list[tuple[str, str, str]] = []
-    names = sorted(files)
     step = max(1, len(names) // 10)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, (model_id, result) in enumerate(pool.map(one, names), start=1):
-            if isinstance(result, c.Rejection):
-                rejected.append((model_id, result.rule, result.reason))
-            else:
-                accepted[model_id] = result
-            if progress is not None and (i % step == 0 or i == len(names)):
-                progress(kind, i, len(names))
-    return accepted, rejected
+        for first in range(0, len(names), step):
+            batch = names[first : first + step]
+            read_back = list(pool.map(read, batch))
+            plain = [
+                i
+                for i, t in enumerate(read_back)
+                if isinstance(t, pa.Table) and _screenable(t, kind.column)
+            ]
+            ok, lengths, n_in, pos, values = _screen(
+                [read_back[i] for i in plain], kind, live, n_live
+            )
+            starts = np.concatenate([[0], np.cumsum(lengths)])
+            for j, i in enumerate(plain):
+                if ok[j]:
+                    rows = slice(starts[j], starts[j + 1])
+                    p = pos[rows]
+                    keep = p >= 0
+                    flat[(first + i) * n_live + p[keep]] = values[rows][keep]
+                    verdicts[batch[i]] = (int(lengths[j]), int(n_in[j]))
+            for i, (model_id, table) in enumerate(zip(batch, read_back, strict=True)):
+                if model_id in verdicts:
+                    continue
+                if isinstance(table, c.Rejection):
+                    verdicts[model_id] = table
+                    continue
+                result = kind.validate(table.to_pandas(), live_ids)
+                verdicts[model_id] = result
+                if isinstance(result, c.Accepted):
+                    column = out[:, first + i]
+                    column[live_ids.get_indexer(result.values.index)] = result.values.to_numpy()
+            if progress is not None:
+                progress(kind.name, min(first + step, len(names)), len(names))
+    return _assemble(names, verdicts, out, live_ids, kind)
 
 
-def _wide(accepted: dict[str, c.Accepted], ids: pd.Index, fill: float) -> pd.DataFrame:
-    """Stack accepted series into an ids x models matrix without a pandas concat per model."""
-    models = sorted(accepted)
-    out = np.full((len(ids), len(models)), fill, dtype=np.float64)
-    for j, model_id in enumerate(models):
-        values = accepted[model_id].values
-        out[ids.get_indexer(values.index), j] = values.to_numpy()
-    return pd.DataFrame(out, index=ids, columns=pd.Index(models, name="model_id"))
+def _assemble(
+    names: list[str],
+    verdicts: dict[str, c.Accepted | c.Rejection | tuple[int, int]],
+    out: np.ndarray,
+    live_ids: pd.Index,
+    kind: _Kind,
+) -> _Submissions:
+    """Keep the accepted files' columns (moved left in place, in model order) and count them."""
+    n_live = len(live_ids)
+    rows: list[dict] = []
+    rejected: list[tuple[str, str, str]] = []
+    accepted: list[str] = []
+    for j, model_id in enumerate(names):
+        verdict = verdicts[model_id]
+        if isinstance(verdict, c.Rejection):
+            rejected.append((model_id, verdict.rule, verdict.reason))
+            continue
+        if isinstance(verdict, c.Accepted):
+            n_rows, n_in, foreign = verdict.rows, len(verdict.values), verdict.foreign_ids
+        else:
+            (n_rows, n_in), foreign = verdict, verdict[0] - verdict[1]
+        if len(accepted) != j:
+            out[:, len(accepted)] = out[:, j]
+        accepted.append(model_id)
+        rows.append(
+            dict(
+                model_id=model_id,
+                kind=kind.name,
+                rows=n_rows,
+                foreign_ids_dropped=foreign,
+                ids_used=n_in,
+                coverage=n_in / n_live,
+            )
+        )
+    wide = pd.DataFrame(
+        out[:, : len(accepted)],
+        index=live_ids,
+        columns=pd.Index(accepted, name="model_id"),
+        copy=False,
+    )
+    return _Submissions(wide=wide, rows=rows, rejected=rejected)
 
 
 @contextmanager
@@ -150,7 +320,7 @@ def _round_errors(r: int) -> Iterator[None]:
     except SourceUnavailable:
         raise
     except (SourceError, c.RoundInputError) as exc:
-        raise c.RoundInputError(f"round {r}: {exc}") from exc
+        raise c.RoundInputError(f"round {r}: {exc}", getattr(exc, "rows", None)) from exc
 
 
 def ingest_round(
@@ -189,30 +359,15 @@ def ingest_round(
     rejections: list[dict] = []
     submissions: list[dict] = []
     wide: dict[str, pd.DataFrame] = {}
-    for kind, folder, validate, fill in (
-        ("prediction", c.PREDICTIONS_DIR, c.validate_predictions, np.nan),
-        ("portfolio", c.PORTFOLIOS_DIR, c.validate_portfolio, 0.0),
-    ):
-        files, bad_names = _submission_files(source, r, folder)
-        accepted, rejected = _read_submissions(
-            source, files, validate, ids, kind, progress, workers
-        )
+    for kind in (PREDICTION, PORTFOLIO):
+        files, bad_names = _submission_files(source, r, kind.folder)
+        read = _read_submissions(source, files, kind, ids, progress, workers)
         rejections += [
-            dict(model_id=m, kind=kind, rule=rule, reason=reason)
-            for m, rule, reason in bad_names + rejected
+            dict(model_id=m, kind=kind.name, rule=rule, reason=reason)
+            for m, rule, reason in bad_names + read.rejected
         ]
-        submissions += [
-            dict(
-                model_id=m,
-                kind=kind,
-                rows=a.rows,
-                foreign_ids_dropped=a.foreign_ids,
-                ids_used=len(a.values),
-                coverage=len(a.values) / len(ids),
-            )
-            for m, a in sorted(accepted.items())
-        ]
-        wide[kind] = _wide(accepted, ids, fill)
+        submissions += read.rows
+        wide[kind.name] = read.wide
     t_done = time.perf_counter()
     return RoundInputs(
         round=r,

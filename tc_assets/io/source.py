@@ -122,6 +122,10 @@ class RoundSource(ABC):
 
     def read_table(self, rel: str) -> pd.DataFrame:
         """A .csv or .parquet file as a DataFrame; `id` and `model_id` always read as strings."""
+        return self.read_arrow(rel).to_pandas()
+
+    def read_arrow(self, rel: str) -> pa.Table:
+        """A .csv or .parquet file as an Arrow table (what `read_table` converts to pandas)."""
         data = self.read_bytes(rel)
         suffix = rel.rsplit(".", 1)[-1].lower()
         try:
@@ -144,7 +148,7 @@ class RoundSource(ABC):
                 raise SourceError(f"{self.uri}/{rel}: unsupported file type")
         except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
             raise SourceError(f"{self.uri}/{rel}: cannot be parsed ({exc})") from exc
-        return table.to_pandas()
+        return table
 
     def feature_sets(self) -> Any:
         return self.read_json(FEATURES_FILE)

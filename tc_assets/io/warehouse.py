@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -211,7 +212,9 @@ class Warehouse:
         if extra:
             raise WarehouseError(f"{spec.name}: columns {extra} are not in the table's schema")
         if spec.partition not in data.column_names:
-            data = data.append_column(spec.partition, pa.array([key] * data.num_rows, pa.int32()))
+            data = data.append_column(
+                spec.partition, pa.array(np.full(data.num_rows, key, dtype=np.int32))
+            )
         else:
             values = set(data.column(spec.partition).to_pylist())
             if values - {key}:
