@@ -181,9 +181,15 @@ def test_round_run_builds_the_marts_after_the_python_assets(scored):
         assert rows == len(read(paths.warehouse, f"select * from payouts where round = {r}"))
         summary = materialized[MART_KEYS["round_summary"]].metadata
         assert summary["round_rows"].value == 1 and summary["is_resolved"].value is True
-        # Every dbt test ran as an asset check, and passed.
+        # Every dbt test ran as an asset check, and passed: tests on models as checks of the
+        # models, tests on sources as checks of the Python assets that write them.
         checks = result.get_asset_check_evaluations()
-        dbt_checks = [c for c in checks if c.asset_key.path[0] in ("reporting", "staging")]
+        dbt_checks = [
+            c
+            for c in checks
+            if c.asset_key.path[0] in ("reporting", "staging") or c.check_name.startswith("source_")
+        ]
+        assert any(c.asset_key == dg.AssetKey("payouts") for c in dbt_checks)
         expected = defs.resolve_assets_def(MART_KEYS["round_leaderboard"]).check_keys
         assert {c.asset_check_key for c in dbt_checks} == set(expected)
         assert all(c.passed for c in dbt_checks)
