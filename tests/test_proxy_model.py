@@ -66,7 +66,7 @@ GENERATED = SyntheticSettings(
     stake_sigma=0.3,
     perfect_corr=0.15,
 )
-FUND = OptimizerSettings(gamma=100.0, exposure_limit=0.01, max_position=0.2)
+FUND = OptimizerSettings(gamma=50.0, exposure_limit=0.01, max_position=0.2)
 METRICS = MetricsSettings(top_bottom=25)
 TC = TCSettings(engine="fast", bags=10, seed=0)
 WINDOW = ProxySettings(window_rounds=10, held_out_rounds=3, min_rounds=6)
