@@ -56,9 +56,9 @@ def _materialization(instance, key: str, round_number: int) -> dict:
     return records[0].asset_materialization.metadata
 
 
-def _first_column(markdown: str) -> list[str]:
-    """The first cell of each body row of a markdown table."""
-    return [line.split("|")[1].strip() for line in markdown.splitlines()[2:] if "|" in line]
+def _first_column(table: dg.TableMetadataValue) -> list[str]:
+    """The model_id of each row of a metadata table."""
+    return [row.data["model_id"] for row in table.records]
 
 
 def test_payouts_metadata_and_clip_check(scored):
@@ -68,13 +68,15 @@ def test_payouts_metadata_and_clip_check(scored):
         assert results[r].success
         table = wh.read_round("payouts", r)
         md = _materialization(instance, "payouts", r)
-        assert md["total_payout"].value == pytest.approx(table["payout"].sum())
+        assert md["total_payout"].value == pytest.approx(
+            table["payout"].sum(), rel=1e-5
+        )  # shown to 6 digits
         assert md["models_paid"].value == int((table["stake"] > 0).sum()) > 10
-        gains = md["largest_gains"].value
-        losses = md["largest_losses"].value
+        gains = md["largest_gains"]
+        losses = md["largest_losses"]
         best = table.loc[table["payout"].idxmax(), "model_id"]
         worst = table.loc[table["payout"].idxmin(), "model_id"]
-        assert best in gains.splitlines()[2] and worst in losses.splitlines()[2]
+        assert best == _first_column(gains)[0] and worst == _first_column(losses)[0]
         paid = table.set_index("model_id")["payout"]
         assert all(paid[m] > 0 for m in _first_column(gains))
         assert all(paid[m] < 0 for m in _first_column(losses))
