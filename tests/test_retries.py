@@ -45,7 +45,10 @@ def test_s3_settings_errors_are_clear_and_not_retried(monkeypatch):
             monkeypatch.setenv(name, value)
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
             monkeypatch.delenv(name, raising=False)
-        anonymous = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        # A new session: boto3's default one keeps credentials an earlier test resolved.
+        anonymous = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1"
+        )
         with pytest.raises(SourceError, match="no AWS credentials found.*AWS_ACCESS_KEY_ID") as e:
             S3RoundSource(anonymous, "tournament", "live").read_bytes("features.json")
         assert not isinstance(e.value, SourceUnavailable)  # not a fault that retrying cures
