@@ -242,6 +242,10 @@ class CodeLocation:
     ) -> tuple[ReconstructableJob, DagsterRun]:
         """A run of `job_name` for `partition`, created on the instance as the UI creates one
         (not started: `execute_run` runs it)."""
+        # Dagster keeps the last job definition per pointer (lru_cache); it was built from the
+        # paths of the location opened before this one, so it is built again from these.
+        ReconstructableJob.get_definition.cache_clear()
+        ReconstructableJob.get_repository_definition.cache_clear()
         job = self.repository.get_reconstructable_job(job_name)
         job_def = job.get_definition()
         run = self.instance.create_run_for_job(
