@@ -268,14 +268,7 @@ def production_env(postgres: PostgresCluster, endpoint: str, s3) -> dict[str, st
 @pytest.fixture(
     params=[
         "local",
-        pytest.param(
-            "production",
-            marks=pytest.mark.skip(
-                reason="known failure, under investigation: on deploy/dagster.yaml (PostgreSQL, "
-                "values on S3) the first daemon-launched run does not succeed since the "
-                "run-liveness and value-format changes landed together"
-            ),
-        ),
+        "production",
     ]
 )
 def dagster(request, tmp_path) -> Iterator[tuple[Dagster, Any, Path]]:
