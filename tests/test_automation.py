@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 import pytest
 from dagster._utils.schedules import cron_string_iterator
@@ -26,6 +27,7 @@ from tc_assets.defs.definitions import PlatformPaths, build_definitions
 from tc_assets.defs.partitions import ROUNDS_PARTITIONS_NAME
 from tc_assets.defs.resources import RoundSourceResource
 from tc_assets.io.synthetic import SyntheticSettings, generate_source
+from tc_assets.io.warehouse import Warehouse
 from tc_assets.runner import run_rounds
 from tests.conftest import run_job
 from tests.s3server import FaultyProxy, client, moto_s3, s3_env
@@ -40,13 +42,15 @@ BUCKET = "automation"
 class Source:
     """A round source under test: generated rounds are staged locally, then published."""
 
-    def __init__(self, staging: Path, root: Path, s3=None) -> None:
-        self.staging, self.root, self.s3 = staging, root, s3
+    def __init__(
+        self, staging: Path, root: Path, s3=None, settings: SyntheticSettings = TINY
+    ) -> None:
+        self.staging, self.root, self.s3, self.settings = staging, root, s3, settings
         self.uri = f"s3://{BUCKET}/{root.name}" if s3 else str(root)
 
     def publish(self, rounds: list[int], skip: tuple[str, ...] = ()) -> None:
         """Generate `rounds` and publish every file but those whose path ends with `skip`."""
-        generate_source(self.staging, rounds, TINY)
+        generate_source(self.staging, rounds, self.settings)
         files = [p for r in rounds for p in (self.staging / "rounds" / str(r)).rglob("*")]
         rels = ["features.json"] + [
             rel
@@ -419,6 +423,64 @@ def test_a_failed_ingestion_is_retried_once_its_inputs_change(local_source, inst
     assert summary(retry) == [("1", a.REASON_INPUTS_CHANGED)]
     assert retry.run_requests[0].asset_selection is None
     assert p.sensor("round_changes_sensor").run_requests == []
+
+
+# --- window-refresh sensor -------------------------------------------------------------------
+
+
+def test_stale_rounds_count_only_parents_inside_the_window_and_newer_than_the_result():
+    results = {"3": 30, "4": 40, "5": 50}  # storage ids of the windowed result per round
+    parents = {"1": 60, "2": 10, "3": 20, "4": 35, "5": 45, "6": 70}
+    windows = {"3": None, "4": 2, "5": 4}  # round 3's window unrecorded: every earlier round
+    stale = a.stale_rounds(results, parents, windows.__getitem__)
+    # round 3: round 1 re-scored after it; round 4: round 1 is outside its window 2-4 and
+    # round 4's own parents precede it; round 5: nothing newer inside 4-5; round 6 is later.
+    assert stale == {"3": 60}
+
+
+def _sharpe(p: Platform, r: int) -> pd.DataFrame:
+    """Round r's stored Sharpe contributions, by model."""
+    frame = Warehouse(p.paths.warehouse).read_round("sharpe_contribution", r)
+    return frame.drop(columns=["round"]).set_index("model_id").sort_index()
+
+
+def test_windowed_results_of_later_rounds_follow_a_re_scored_round(instance, tmp_path):
+    """Round 2's Sharpe contribution reads round 1's returns. After round 1 is scored again on
+    corrected returns, the window sensor re-runs round 2's windowed assets (and the marts that
+    read them), and round 2's rows equal those of a clean serial run on the corrected data."""
+    # Scored rounds: enough stocks for the meta portfolio to be tradable at the default gamma.
+    scored = SyntheticSettings(stocks=600, features=12, models=30, seed=5)
+    local_source = Source(tmp_path / "staging", tmp_path / "source", settings=scored)
+    local_source.publish([1, 2])
+    p = Platform(local_source, instance, tmp_path / "daemon")
+    windowed = {dg.AssetKey("sharpe_contribution"), dg.AssetKey("tc_proxy_model")}
+    assert all(o.success for o in run_rounds(p.paths, [1, 2], instance=instance, echo=print))
+    assert p.sensor("window_refresh_sensor").run_requests == []  # scored in order: fresh
+    assert p.sensor("round_changes_sensor").run_requests == []  # adopted
+    before = _sharpe(p, 2)
+
+    frame = pd.read_parquet(local_source.staging / "rounds/1/resolved.parquet")
+    frame["return"] = frame["return"].to_numpy()[::-1]  # a late correction of round 1
+    frame.to_parquet(tmp_path / "corrected.parquet", index=False)
+    local_source.write("rounds/1/resolved.parquet", (tmp_path / "corrected.parquet").read_bytes())
+    (rescore,) = p.sensor("round_changes_sensor").run_requests
+    assert (rescore.partition_key, rescore.tags[a.TAG_REASON]) == ("1", a.REASON_RESOLVED)
+    assert p.launch(rescore, "score_round").success
+
+    (refresh,) = p.sensor("window_refresh_sensor").run_requests
+    assert refresh.partition_key == "2" and refresh.tags[a.TAG_REASON] == a.REASON_WINDOW
+    selected = set(refresh.asset_selection or [])
+    assert windowed <= selected and dg.AssetKey(["reporting", "portfolio_leaderboard"]) in selected
+    assert not selected & {dg.AssetKey("tc_scores"), dg.AssetKey("portfolio_scores")}
+    assert p.launch(refresh, "score_round").success
+    assert p.sensor("window_refresh_sensor").run_requests == []
+
+    clean = Platform(local_source, instance, tmp_path / "clean")
+    for r in (1, 2):
+        assert run_job(clean.defs, instance, r).success
+    after, expected = _sharpe(p, 2), _sharpe(clean, 2)
+    assert not np.allclose(before["meta_sharpe"], expected["meta_sharpe"])  # round 1 matters
+    pd.testing.assert_frame_equal(after, expected)
 
 
 # --- close schedule -------------------------------------------------------------------------

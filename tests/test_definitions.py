@@ -114,9 +114,11 @@ def test_jobs_schedules_and_sensors(defs):
         "dead_runs_sensor",
         "new_round_sensor",
         "round_changes_sensor",
+        "window_refresh_sensor",
     ]
     assert repo.get_schedule_def("round_close_schedule").job_name == INGEST_ROUND_JOB
     assert repo.get_sensor_def("round_changes_sensor").job_name == "score_round"
+    assert repo.get_sensor_def("window_refresh_sensor").job_name == "score_round"
     assert repo.get_sensor_def("new_round_sensor").job_name == INGEST_ROUND_JOB
 
 

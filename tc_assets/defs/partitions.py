@@ -3,7 +3,7 @@ decorator, partition key and failure every round asset uses."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dagster as dg
@@ -19,6 +19,24 @@ rounds_partitions = dg.DynamicPartitionsDefinition(name=ROUNDS_PARTITIONS_NAME)
 # Every asset that opens the DuckDB file for writing runs in this pool; its limit is 1
 # (dagster.yaml), so steps of parallel partitions never contend for DuckDB's single-writer lock.
 WAREHOUSE_POOL = "duckdb_writers"
+
+# An asset of round R that also reads earlier rounds' rows (a window of rounds ending at R)
+# carries this tag and records its window under WINDOW_METADATA_KEY: the window-refresh sensor
+# runs it again when a round of its window is scored again after it.
+WINDOW_TAG_KEY = "tc/window"
+WINDOW_TAGS = {WINDOW_TAG_KEY: "earlier-rounds"}
+WINDOW_METADATA_KEY = "window"
+
+
+def window_label(rounds: Sequence[int]) -> str:
+    """The window's metadata value: "first-last", empty when no round is in it."""
+    return f"{min(rounds)}-{max(rounds)}" if len(rounds) else ""
+
+
+def window_first(label: str | None) -> int | None:
+    """The first round of a window_label, None when unknown or empty."""
+    first, sep, _ = (label or "").partition("-")
+    return int(first) if sep and first.isdigit() else None
 
 
 def round_asset(

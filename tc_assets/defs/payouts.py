@@ -24,7 +24,15 @@ from tc_assets.defs.metadata import (
     timer,
     warehouse_table,
 )
-from tc_assets.defs.partitions import WAREHOUSE_POOL, round_asset, round_failure, round_of
+from tc_assets.defs.partitions import (
+    WAREHOUSE_POOL,
+    WINDOW_METADATA_KEY,
+    WINDOW_TAGS,
+    round_asset,
+    round_failure,
+    round_of,
+    window_label,
+)
 from tc_assets.defs.plots import capacity_figure, capacity_summary, plot_metadata
 from tc_assets.defs.resources import WarehouseResource
 from tc_assets.io import queries
@@ -280,7 +288,13 @@ portfolio_payouts_within_clip = clip_check(
 # --- Sharpe contribution over a window of rounds --------------------------------------------
 
 
-@round_asset(group=GROUP, kinds=KINDS, deps=[portfolio_scores], name="sharpe_contribution")
+@round_asset(
+    group=GROUP,
+    kinds=KINDS,
+    deps=[portfolio_scores],
+    name="sharpe_contribution",
+    tags=WINDOW_TAGS,
+)
 def sharpe_contribution_asset(
     context: dg.AssetExecutionContext,
     config: SharpeContributionConfig,
@@ -312,7 +326,7 @@ def sharpe_contribution_asset(
             "round": r,
             **warehouse_table("sharpe_contribution", counts["sharpe_contribution"]),
             "window_rounds": len(rounds),
-            "window": f"{min(rounds)}-{max(rounds)}" if rounds else "",
+            WINDOW_METADATA_KEY: window_label(rounds),
             "meta_sharpe": plain(out["meta_sharpe"].iloc[0]) if len(out) else None,
             "ranking": metadata_table(out, max_rows=20),
         },

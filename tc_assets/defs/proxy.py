@@ -34,7 +34,14 @@ from tc_assets.defs.config import ProxyConfig, settings_of
 from tc_assets.defs.contribution import tc_scores
 from tc_assets.defs.metadata import metadata_table, timer
 from tc_assets.defs.metrics import model_metrics
-from tc_assets.defs.partitions import round_asset, round_failure, round_of
+from tc_assets.defs.partitions import (
+    WINDOW_METADATA_KEY,
+    WINDOW_TAGS,
+    round_asset,
+    round_failure,
+    round_of,
+    window_label,
+)
 from tc_assets.defs.plots import (
     importance_figure,
     importance_summary,
@@ -105,6 +112,7 @@ def proxy_tables(result: ProxyResult, plots: dict[str, Path]) -> dict[str, pd.Da
     group=GROUP,
     kinds={"scikitlearn", "duckdb"},
     deps=[model_metrics, tc_scores],
+    tags=WINDOW_TAGS,
 )
 def tc_proxy_model(
     context: dg.AssetExecutionContext, config: ProxyConfig, warehouse: WarehouseResource
@@ -185,7 +193,7 @@ def _fit_metadata(r: int, result: ProxyResult) -> dict:
     imp = result.importance
     return {
         "window_end": r,
-        "window": f"{result.rounds[0]}-{result.rounds[-1]}",
+        WINDOW_METADATA_KEY: window_label(result.rounds),
         "rounds": len(result.rounds),
         "held_out": f"{result.held_out_rounds[0]}-{result.held_out_rounds[-1]}",
         **_fit_quality(result),

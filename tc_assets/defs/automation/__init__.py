@@ -1,8 +1,8 @@
 """Automation: rounds are found, ingested and scored by the Dagster daemon, nobody clicking.
 
-Three instigators, each with one job, so that a round never gets two runs for one cause:
-`new_round_sensor` (new_round.py), `round_close_schedule` (close_schedule.py) and
-`round_changes_sensor` (changes.py). `state.py` says what a round's files are and names them in
+Four instigators, each with one job, so that a round never gets two runs for one cause:
+`new_round_sensor` (new_round.py), `round_close_schedule` (close_schedule.py),
+`round_changes_sensor` (changes.py) and `window_refresh_sensor` (windows.py). `state.py` says what a round's files are and names them in
 run tags (the command line uses it too), `runs.py` what Dagster knows of a round, and
 `settings.py` holds the calendar and polling settings, read from ``TC_*`` variables.
 """
@@ -23,6 +23,7 @@ from tc_assets.defs.automation.state import (
     REASON_NEW_ROUND,
     REASON_RESOLVED,
     REASON_ROUND_CLOSED,
+    REASON_WINDOW,
     TAG_INPUT_STAMP,
     TAG_INPUTS,
     TAG_REASON,
@@ -31,6 +32,7 @@ from tc_assets.defs.automation.state import (
     input_stamp,
     run_tags,
 )
+from tc_assets.defs.automation.windows import build_window_sensor, refresh_requests, stale_rounds
 
 __all__ = [
     "PARTITION_TAG",
@@ -39,6 +41,7 @@ __all__ = [
     "REASON_NEW_ROUND",
     "REASON_RESOLVED",
     "REASON_ROUND_CLOSED",
+    "REASON_WINDOW",
     "TAG_INPUTS",
     "TAG_INPUT_STAMP",
     "TAG_REASON",
@@ -52,15 +55,17 @@ __all__ = [
     "closed_rounds",
     "input_stamp",
     "new_rounds",
+    "refresh_requests",
     "round_problem",
     "run_tags",
+    "stale_rounds",
 ]
 
 
 def build_defs(
     round_keys: Iterable[dg.AssetKey], settings: AutomationSettings | None = None
 ) -> dg.Definitions:
-    """The close schedule and the two sensors, requesting the given round assets' keys;
+    """The close schedule and the three sensors, requesting the given round assets' keys;
     settings default to the TC_* environment variables."""
     settings = settings or AutomationSettings.from_env()
     targets = RoundTargets.from_keys(round_keys)
@@ -69,5 +74,6 @@ def build_defs(
         sensors=[
             build_new_round_sensor(targets, settings),
             build_changes_sensor(targets, settings),
+            build_window_sensor(settings),
         ],
     )

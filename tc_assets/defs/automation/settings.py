@@ -33,6 +33,12 @@ class AutomationSettings(BaseModel, frozen=True):
     round_changes_interval_s: int = Field(
         60, ge=1, description="Seconds between two looks of the round-changes sensor."
     )
+    window_refresh_interval_s: int = Field(
+        60,
+        ge=1,
+        description="Seconds between two looks of the window-refresh sensor, which scores "
+        "again the windowed results of later rounds when a round is scored again.",
+    )
     dead_runs_interval_s: int = Field(
         30,
         ge=1,

@@ -23,6 +23,7 @@ REASON_ROUND_CLOSED = "round_closed"
 REASON_INGESTED = "ingested"  # ingested, never scored: score it
 REASON_RESOLVED = "resolved"  # resolved.parquet arrived or changed
 REASON_INPUTS_CHANGED = "inputs_changed"  # an input other than resolved.parquet changed
+REASON_WINDOW = "window"  # a round of a windowed result's window was scored again
 
 
 def close_time(source: RoundSource, round_number: int) -> float | None:
