@@ -483,6 +483,40 @@ def test_windowed_results_of_later_rounds_follow_a_re_scored_round(instance, tmp
     pd.testing.assert_frame_equal(after, expected)
 
 
+def test_a_resolution_removed_after_scoring_keeps_the_round_as_scored_and_says_so(
+    instance, tmp_path
+):
+    """resolved.parquet deleted after the round was scored: the changes sensor scores the round
+    again; it keeps its targets and every result from them (the meta portfolio's weights
+    included, never NULL beside payouts), and `resolved` records that the file is missing."""
+    scored = SyntheticSettings(stocks=600, features=12, models=30, seed=5)
+    local_source = Source(tmp_path / "staging", tmp_path / "source", settings=scored)
+    local_source.publish([1])
+    p = Platform(local_source, instance, tmp_path)
+    assert all(o.success for o in run_rounds(p.paths, [1], instance=instance, echo=print))
+    wh = Warehouse(p.paths.warehouse)
+    tables = ("resolved", "meta_model", "tc_scores", "payouts", "portfolio_scores")
+    before = {t: wh.read_round(t, 1) for t in tables}
+    assert p.sensor("round_changes_sensor").run_requests == []
+
+    (local_source.root / "rounds/1/resolved.parquet").unlink()
+    (rescore,) = p.sensor("round_changes_sensor").run_requests
+    assert rescore.tags[a.TAG_REASON] == a.REASON_RESOLVED
+    result = p.launch(rescore, "score_round")
+    assert result.success
+    for t in tables:
+        pd.testing.assert_frame_equal(wh.read_round(t, 1), before[t], check_exact=False)
+    assert wh.read_round("meta_model", 1)["weight"].notna().all()
+    (observation,) = [
+        e.asset_observation_data.asset_observation
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.ASSET_OBSERVATION
+        and e.asset_key == dg.AssetKey("resolved")
+    ]
+    assert observation.metadata["source_file"].value == "missing"
+    assert observation.metadata["kept_rows"].value == len(before["resolved"])
+
+
 # --- close schedule -------------------------------------------------------------------------
 
 

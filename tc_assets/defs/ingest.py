@@ -208,7 +208,7 @@ def resolved(
     universe: pd.DataFrame,
     round_source: RoundSourceResource,
     warehouse: WarehouseResource,
-) -> Iterator[dg.Output]:
+) -> Iterator[dg.Output | dg.AssetObservation]:
     """Targets, and realized returns when published (index: id), once resolved.parquet has
     arrived.
 
@@ -220,10 +220,7 @@ def resolved(
         source = round_source.open()
         frame = load_resolved(source, r, universe.index)
     if frame is None:
-        context.log.info(
-            f"round {r} is awaiting resolution: {source.uri}/rounds/{r}/resolved.parquet has not "
-            "arrived; target-dependent assets are skipped until it does."
-        )
+        yield from _unresolved(context, r, f"{source.uri}/rounds/{r}/resolved.parquet", warehouse)
         return
     with timer() as t, only_transient_retried(r):
         counts = warehouse.get().write_round(r, {"resolved": resolved_table(frame)})
@@ -241,6 +238,31 @@ def resolved(
         "write_seconds": t["seconds"],
     }
     yield dg.Output(frame, metadata=rounded(metadata))
+
+
+def _unresolved(
+    context: dg.AssetExecutionContext, r: int, path: str, warehouse: WarehouseResource
+) -> Iterator[dg.AssetObservation]:
+    """No resolved.parquet: the round awaits resolution, or its file was removed after it was
+    scored. Then its targets and every result from them are kept as scored, and said so."""
+    with only_transient_retried(r):
+        kept = len(warehouse.get().read_round("resolved", r))
+    if not kept:
+        context.log.info(
+            f"round {r} is awaiting resolution: {path} has not arrived; target-dependent "
+            "assets are skipped until it does."
+        )
+        return
+    context.log.warning(
+        f"round {r}: {path} is gone, but the round was scored on an earlier one: its {kept} "
+        "resolved rows and every result computed from them are kept as scored (a new "
+        "resolved.parquet scores it again)."
+    )
+    yield dg.AssetObservation(
+        asset_key=context.asset_key,
+        partition=context.partition_key,
+        metadata={"round": r, "source_file": "missing", "kept_rows": kept},
+    )
 
 
 def _resolved_metadata(frame: pd.DataFrame, universe: pd.DataFrame) -> dict:
