@@ -45,6 +45,15 @@ def moto_s3() -> Iterator[str]:
         server.stop()
 
 
+def fresh_bucket(s3, bucket: str) -> None:
+    """Create `bucket`, emptied: moto keeps its buckets in process-wide memory, so a bucket of
+    the same name from an earlier server in this process would still hold its objects."""
+    s3.create_bucket(Bucket=bucket)
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            s3.delete_object(Bucket=bucket, Key=obj["Key"])
+
+
 def s3_env(endpoint: str) -> dict[str, str]:
     """Environment for a client of `endpoint`: the platform's endpoint variable and credentials."""
     return {**ISOLATION, **CREDENTIALS, "TC_S3_ENDPOINT_URL": endpoint}

@@ -43,7 +43,7 @@ from tc_assets.defs.partitions import WAREHOUSE_POOL
 from tc_assets.io.synthetic import SyntheticSettings, generate_source
 from tc_assets.io.warehouse import Warehouse
 from tests.pgcluster import PostgresCluster
-from tests.s3server import client, moto_s3, s3_env, upload
+from tests.s3server import client, fresh_bucket, moto_s3, s3_env, upload
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -252,7 +252,7 @@ def production_env(postgres: PostgresCluster, endpoint: str, s3) -> dict[str, st
     buckets of its step logs and of the asset values."""
     postgres.create_database("dagster_e2e")
     for bucket in (LOGS_BUCKET, VALUES_BUCKET):
-        s3.create_bucket(Bucket=bucket)
+        fresh_bucket(s3, bucket)
     return {
         "DAGSTER_POSTGRES_HOST": postgres.host,
         "DAGSTER_POSTGRES_PORT": str(postgres.port),
@@ -276,7 +276,7 @@ def dagster(request, tmp_path) -> Iterator[tuple[Dagster, Any, Path]]:
     generate_source(staging, [1, 2], TINY)
     with moto_s3() as endpoint:
         s3 = client(endpoint)
-        s3.create_bucket(Bucket=BUCKET)
+        fresh_bucket(s3, BUCKET)
         upload(s3, staging, BUCKET, PREFIX, include=lambda rel: rel == "features.json")
         env = {
             **s3_env(endpoint),

@@ -1,0 +1,185 @@
+"""Soak: ten rounds through the daemon while run processes are killed and resolutions arrive late.
+
+The webserver and the daemon (tests/test_e2e_daemon.py's harness, local instance) watch a local
+round source. All ten rounds are published at once, four of them without resolved.parquet.
+While the daemon ingests and scores them, the test kills run processes with SIGKILL (by the pid
+their `tc/process` tag names, at a random moment of the run, never a retry) and uploads the late
+resolutions one by one at random times. It ends when nothing is left to run, and then requires:
+
+- no run left queued or in progress, and every killed run marked failed and run again;
+- every round scored on its resolution;
+- the warehouse equal to a clean serial run of the same rounds (`run_rounds`), every table,
+  the dbt marts included, except the ingestion time stamp.
+"""
+
+import os
+import random
+import shutil
+import signal
+import time
+import urllib.error
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from tc_assets.defs.definitions import PlatformPaths
+from tc_assets.io.synthetic import SyntheticSettings, generate_source
+from tc_assets.io.warehouse import Warehouse
+from tc_assets.runner import run_rounds
+from tests.test_e2e_daemon import REPO, Dagster, alive
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+
+ROUNDS = list(range(1, 11))
+SOAK = SyntheticSettings(stocks=600, features=12, models=30, seed=5)
+LATE = 4  # rounds whose resolved.parquet arrives while the daemon works
+MAX_KILLS = 3
+UNFINISHED = {"QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING"}
+TIMESTAMPS = ("ingested_at",)  # when a round was ingested: differs between any two runs
+
+
+def publish(staging: Path, root: Path, rounds: list[int], late: set[int]) -> None:
+    """Copy the rounds into the watched folder, round.json last, late resolutions held back."""
+    shutil.copy(staging / "features.json", root / "features.json")
+    for r in rounds:
+        src, dst = staging / "rounds" / str(r), root / "rounds" / str(r)
+        shutil.copytree(
+            src, dst, ignore=shutil.ignore_patterns("round.json", "planted.csv", "resolved.parquet")
+        )
+        if r not in late:
+            shutil.copy(src / "resolved.parquet", dst / "resolved.parquet")
+        shutil.copy(src / "round.json", dst / "round.json")
+
+
+def warehouse_contents(path: str) -> dict[str, pd.DataFrame]:
+    """Every base table (marts included) in a canonical row order, timestamps dropped."""
+    wh = Warehouse(path)
+    names = wh.query(
+        "SELECT table_schema, table_name FROM information_schema.tables "
+        "WHERE table_type = 'BASE TABLE' ORDER BY 1, 2"
+    )
+    out = {}
+    for schema, name in names.itertuples(index=False):
+        frame = wh.query(f'SELECT * FROM "{schema}"."{name}"')
+        frame = frame.drop(columns=[c for c in TIMESTAMPS if c in frame.columns])
+        out[f"{schema}.{name}"] = frame.sort_values(list(frame.columns)).reset_index(drop=True)
+    return out
+
+
+def last_tick(d: Dagster, sensor: str) -> tuple[str, float]:
+    """(status, timestamp) of the sensor's latest tick, ("", 0) before its first."""
+    data = d.query(
+        """query Sensor($selector: SensorSelector!) { sensorOrError(sensorSelector: $selector) {
+             ... on Sensor { sensorState { ticks(limit: 1) { status timestamp } } } } }""",
+        {
+            "selector": {
+                "repositoryLocationName": "tc_platform",
+                "repositoryName": "__repository__",
+                "sensorName": sensor,
+            }
+        },
+    )
+    ticks = (data["sensorOrError"].get("sensorState") or {}).get("ticks") or []
+    return (ticks[0]["status"], float(ticks[0]["timestamp"])) if ticks else ("", 0.0)
+
+
+def test_ten_rounds_through_the_daemon_with_kills_and_late_resolutions(tmp_path):
+    rng = random.Random(20261202)
+    staging, root = tmp_path / "staging", tmp_path / "source"
+    generate_source(staging, ROUNDS, SOAK)
+    (root / "rounds").mkdir(parents=True)
+    late = rng.sample(ROUNDS, LATE)
+    env = {
+        "TC_SOURCE": str(root),
+        "TC_WAREHOUSE": str(tmp_path / "warehouse.duckdb"),
+        "TC_STORAGE": str(tmp_path / "storage"),
+        "TC_SCORE_DELAY_S": "0",
+        "TC_NEW_ROUND_INTERVAL_S": "2",
+        "TC_ROUND_CHANGES_INTERVAL_S": "2",
+        "TC_WINDOW_REFRESH_INTERVAL_S": "2",
+        "TC_DEAD_RUNS_INTERVAL_S": "2",
+    }
+    d = Dagster(tmp_path, env, REPO / "tc_assets" / "dagster.yaml", "local")
+    d.start()
+    try:
+        publish(staging, root, ROUNDS, set(late))
+        kill_after: dict[str, float] = {}  # run id -> seconds into the run to kill it at
+        killed: dict[str, str] = {}  # run id -> its round
+        started: dict[str, float] = {}
+        next_resolution = time.monotonic() + rng.uniform(20, 60)
+        quiet_since = None
+        deadline = time.monotonic() + 1200
+        while time.monotonic() < deadline:
+            try:
+                runs = d.runs()
+            except (urllib.error.URLError, ConnectionError, TimeoutError):  # still starting
+                time.sleep(2)
+                continue
+            now = time.monotonic()
+            for run in runs:
+                rid, tags = run["runId"], run["tags"]
+                if run["status"] != "STARTED" or "tc/process" not in tags:
+                    continue
+                started.setdefault(rid, now)
+                if (
+                    "dagster/retry_number" in tags
+                    or tags.get("dagster/partition") in killed.values()
+                ):
+                    continue
+                if rid not in kill_after and len(killed) < MAX_KILLS:
+                    kill_after[rid] = rng.uniform(0, 12) if rng.random() < 0.3 else float("inf")
+                if rid in kill_after and now - started[rid] >= kill_after[rid]:
+                    pid = int(tags["tc/process"].rsplit("/", 2)[1])
+                    if alive(pid):
+                        os.kill(pid, signal.SIGKILL)
+                        killed[rid] = tags["dagster/partition"]
+                    kill_after[rid] = float("inf")
+            if late and now >= next_resolution:
+                r = late.pop()
+                shutil.copy(
+                    staging / f"rounds/{r}/resolved.parquet", root / f"rounds/{r}/resolved.parquet"
+                )
+                next_resolution = now + rng.uniform(10, 40)
+            busy = [run for run in runs if run["status"] in UNFINISHED]
+            if late or busy or not runs:
+                quiet_since = None
+            else:
+                ended = max(run["endTime"] or 0 for run in runs)
+                quiet_since = quiet_since or time.time()
+                ticks = [last_tick(d, s) for s in ("round_changes_sensor", "window_refresh_sensor")]
+                # Both sensors looked after the last run ended (and after the quiet began) and
+                # found nothing more to do.
+                if all(s == "SKIPPED" and t > max(ended, quiet_since) for s, t in ticks):
+                    break
+            time.sleep(2)
+        else:
+            pytest.fail(f"the daemon did not settle in time\n{d.tail()}")
+
+        runs = d.runs()
+        assert not [r for r in runs if r["status"] in UNFINISHED], runs
+        assert killed, "no run was killed: the soak tested nothing"
+        by_id = {r["runId"]: r for r in runs}
+        for rid in killed:
+            assert by_id[rid]["status"] == "FAILURE", by_id[rid]
+            retries = [r for r in runs if r["tags"].get("dagster/parent_run_id") == rid]
+            assert retries, f"killed run {rid} was not run again"
+        codes = d.stop()
+        assert all(code in (0, -signal.SIGTERM) for code in codes.values()), (codes, d.tail())
+    finally:
+        d.kill()
+
+    got = warehouse_contents(env["TC_WAREHOUSE"])
+    for r in ROUNDS:
+        assert len(got["main.tc_scores"].query(f"round == {r}")), f"round {r} has no TC"
+    clean = PlatformPaths.create(str(root), str(tmp_path / "clean" / "warehouse.duckdb"))
+    with dg.instance_for_test() as instance:
+        outcomes = run_rounds(clean, ROUNDS, instance=instance, echo=lambda _: None)
+    assert all(o.success for o in outcomes), [o.failures for o in outcomes if not o.success]
+    expected = warehouse_contents(clean.warehouse)
+    assert sorted(got) == sorted(expected)
+    for name, frame in expected.items():
+        pd.testing.assert_frame_equal(
+            got[name], frame, check_exact=False, rtol=1e-9, atol=1e-12, obj=name
+        )
