@@ -18,6 +18,7 @@ from tc_assets.defs.liveness import (
     TAG_PROCESS,
     PoolWatch,
     RunGuardSettings,
+    dead_runs_sensor,
     process_gone,
     process_tag,
     reap_dead_runs,
@@ -183,6 +184,32 @@ def test_a_waiting_step_reaps_a_dead_holder_and_goes_on(home):
             WAREHOUSE_POOL, waiter, "writer"
         ).is_claimed
         assert reap_dead_runs(instance) == []
+
+
+@pytest.mark.parametrize("freed_by", ["a waiting step", "the dead-runs sensor"])
+def test_a_slot_assigned_to_a_run_that_died_waiting_is_freed(home, freed_by):
+    """A run killed while its step was queued for the pool may be assigned the next free slot
+    after Dagster marked it failed: nobody claims that slot. A waiting step and the dead-runs
+    sensor both free it."""
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        storage = instance.event_log_storage
+        first = _holder(instance, dead_tag())
+        died = make_new_run_id()
+        instance.add_run(
+            dg.DagsterRun(job_name="died", run_id=died, status=dg.DagsterRunStatus.STARTED)
+        )
+        assert not storage.claim_concurrency_slot(WAREHOUSE_POOL, died, "writer").is_claimed
+        storage.free_concurrency_slots_for_run(first)  # the slot goes to `died`'s queued step
+        (pending,) = storage.get_concurrency_info(WAREHOUSE_POOL).pending_steps
+        assert pending.run_id == died and pending.assigned_timestamp is not None
+        instance.report_run_failed(instance.get_run_by_id(died), "killed while waiting")
+        waiter = make_new_run_id()
+        assert not storage.claim_concurrency_slot(WAREHOUSE_POOL, waiter, "writer").is_claimed
+        if freed_by == "a waiting step":
+            assert not PoolWatch(instance, waiter, print, print, RunGuardSettings()).check()
+        else:
+            dead_runs_sensor(30)(dg.build_sensor_context(instance=instance))
+        assert storage.claim_concurrency_slot(WAREHOUSE_POOL, waiter, "writer").is_claimed
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -149,8 +149,9 @@ def reap_dead_runs(instance: dg.DagsterInstance, run_ids: list[str] | None = Non
 def free_finished_holders(
     instance: dg.DagsterInstance, run_ids: list[str] | None = None
 ) -> list[str]:
-    """Free the pool slots still held by finished runs (of `run_ids`, default all): a run
-    worker that died after Dagster marked its run failed never released them."""
+    """Free the pool slots still held by finished runs (of `run_ids`, default all), and drop
+    their steps still queued for a slot: a run worker that died after Dagster marked its run
+    failed never released them, and a slot the pool assigned to such a step is held for good."""
     holders = instance.event_log_storage.get_concurrency_run_ids()
     if run_ids is not None:
         holders &= set(run_ids)
@@ -244,7 +245,10 @@ class PoolWatch:
         ]
         if not waiting:
             return False
-        holders = sorted({s.run_id for s in info.claimed_slots} - {self.run_id})
+        # A slot is held by a run that claimed it, or to which the pool assigned it for a step
+        # not yet started (a run that died waiting keeps its assignment until freed).
+        assigned = {p.run_id for p in info.pending_steps if p.assigned_timestamp is not None}
+        holders = sorted(({s.run_id for s in info.claimed_slots} | assigned) - {self.run_id})
         if holders and (
             reap_dead_runs(self.instance, holders) or free_finished_holders(self.instance, holders)
         ):
@@ -345,13 +349,15 @@ def dead_runs_sensor(interval_s: int) -> dg.SensorDefinition:
         name="dead_runs_sensor",
         minimum_interval_seconds=interval_s,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Marks failed each run in progress whose process is gone, and frees its "
-        "pool slots.",
+        description="Marks failed each run in progress whose process is gone, and frees the "
+        "pool slots (claimed or assigned) of every finished run.",
     )
     def _sensor(context: dg.SensorEvaluationContext) -> dg.SkipReason:
         reaped = reap_dead_runs(context.instance)
-        return dg.SkipReason(
-            f"reaped {len(reaped)} dead run(s): {', '.join(reaped)}" if reaped else "no dead runs"
-        )
+        freed = free_finished_holders(context.instance)
+        said = [f"reaped {len(reaped)} dead run(s): {', '.join(reaped)}"] if reaped else []
+        if freed:
+            said.append(f"freed the pool slots of {len(freed)} finished run(s): {', '.join(freed)}")
+        return dg.SkipReason("; ".join(said) or "no dead runs")
 
     return _sensor
