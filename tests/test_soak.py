@@ -54,8 +54,10 @@ def publish(staging: Path, root: Path, rounds: list[int], late: set[int]) -> Non
 
 
 def warehouse_contents(path: str) -> dict[str, pd.DataFrame]:
-    """Every base table (marts included) in a canonical row order, timestamps dropped."""
+    """Every base table (marts included) in a canonical row order, timestamps dropped and
+    paths of files beside the warehouse (plots) made relative to it."""
     wh = Warehouse(path)
+    beside = f"{Path(path).parent}/"
     names = wh.query(
         "SELECT table_schema, table_name FROM information_schema.tables "
         "WHERE table_type = 'BASE TABLE' ORDER BY 1, 2"
@@ -64,6 +66,9 @@ def warehouse_contents(path: str) -> dict[str, pd.DataFrame]:
     for schema, name in names.itertuples(index=False):
         frame = wh.query(f'SELECT * FROM "{schema}"."{name}"')
         frame = frame.drop(columns=[c for c in TIMESTAMPS if c in frame.columns])
+        for column in frame.columns:
+            if frame[column].map(lambda v: isinstance(v, str) and v.startswith(beside)).any():
+                frame[column] = frame[column].str.removeprefix(beside)
         out[f"{schema}.{name}"] = frame.sort_values(list(frame.columns)).reset_index(drop=True)
     return out
 
@@ -93,8 +98,8 @@ def test_ten_rounds_through_the_daemon_with_kills_and_late_resolutions(tmp_path)
     late = rng.sample(ROUNDS, LATE)
     env = {
         "TC_SOURCE": str(root),
-        "TC_WAREHOUSE": str(tmp_path / "warehouse.duckdb"),
-        "TC_STORAGE": str(tmp_path / "storage"),
+        "TC_WAREHOUSE": str(tmp_path / "daemon" / "warehouse.duckdb"),  # beside "clean"
+        "TC_STORAGE": str(tmp_path / "daemon" / "storage"),
         "TC_SCORE_DELAY_S": "0",
         "TC_NEW_ROUND_INTERVAL_S": "2",
         "TC_ROUND_CHANGES_INTERVAL_S": "2",
