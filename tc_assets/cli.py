@@ -9,6 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+# The lake's data folder (tc_assets/io/lake.py DATA_PATH_ENV; not imported here, to keep the
+# command's start light).
+LAKE_DATA_ENV = "TC_LAKE_DATA_PATH"
 # Eight rounds: enough for the TC proxy model's first window (ProxySettings.min_rounds).
 DEMO_ROUNDS = "1-8"
 UI_PORT = 3000
@@ -80,7 +83,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     guard = RunGuardSettings(**({"pool_wait_s": args.pool_wait} if args.pool_wait else {}))
     home = ensure_dagster_home(_home() / "dagster_home")
     print(f"DAGSTER_HOME={home}")
-    paths = PlatformPaths.create(args.source, args.warehouse)
+    if not args.warehouse:
+        raise ValueError("no warehouse: give --warehouse or set TC_WAREHOUSE")
+    paths = PlatformPaths.create(args.source, args.warehouse, lake_data=args.lake_data)
     rounds = parse_rounds(args.rounds) if args.rounds else None
     log_path = _log_file("run")
     with log_path.open("w") as log:
@@ -88,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     failed = [o for o in outcomes if not o.success]
     print(
         f"{len(outcomes) - len(failed)} of {len(outcomes)} rounds succeeded; "
-        f"warehouse: {paths.warehouse}; full log: {log_path}"
+        f"warehouse: {paths.describe_warehouse()}; full log: {log_path}"
     )
     return _exit_code(outcomes)
 
@@ -204,6 +209,27 @@ def cmd_score_candidate(args: argparse.Namespace) -> int:
     return 0 if len(scores.rounds) else 1
 
 
+def cmd_copy_to_lake(args: argparse.Namespace) -> int:
+    from tc_assets.io.lake import is_lake, redact
+    from tc_assets.io.warehouse import Warehouse, WarehouseError
+
+    if not args.target or not is_lake(args.target):
+        raise ValueError("--to must be a DuckLake catalog (ducklake:...), or set TC_WAREHOUSE")
+    try:
+        counts = Warehouse(args.target, data_path=args.lake_data).copy_from_file(args.source)
+    except WarehouseError as exc:
+        print(f"tc-platform copy-to-lake: error: {exc}", file=sys.stderr)
+        return 1
+    for name, rows in counts.items():
+        print(f"  {name:<36} {rows:>12,} rows")
+    print(
+        f"copied {len(counts)} tables from {Path(args.source).resolve()} into "
+        f"{redact(args.target)} (data {args.lake_data}); dbt's staging views are made by the "
+        "next round's build"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tc-platform", description="Score a stock-prediction tournament round by round."
@@ -229,7 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="ingest and score rounds through the Dagster definitions")
     r.add_argument("--source", required=True, help="round source: a folder or s3://bucket/prefix")
-    r.add_argument("--warehouse", required=True, help="DuckDB file to write")
+    r.add_argument(
+        "--warehouse",
+        default=os.environ.get("TC_WAREHOUSE"),
+        help="DuckDB file to write, or a DuckLake catalog ducklake:postgres:<dsn> "
+        "(default: $TC_WAREHOUSE)",
+    )
+    r.add_argument(
+        "--lake-data",
+        default=os.environ.get(LAKE_DATA_ENV),
+        help=f"the lake's data folder, s3://bucket/prefix/ or a directory (default: ${LAKE_DATA_ENV})",
+    )
     r.add_argument("--rounds", help="round range, e.g. 301-305 (default: every round in source)")
     r.add_argument(
         "--pool-wait",
@@ -272,6 +308,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--source", help="round source for the features (default: each round's own)")
     s.add_argument("--json", help="also write the tables to this JSON file")
     s.set_defaults(func=cmd_score_candidate)
+
+    c = sub.add_parser("copy-to-lake", help="copy a DuckDB warehouse file into an empty lake")
+    c.add_argument("--from", dest="source", required=True, help="the DuckDB warehouse file")
+    c.add_argument(
+        "--to",
+        dest="target",
+        default=os.environ.get("TC_WAREHOUSE"),
+        help="the lake's catalog, ducklake:postgres:<dsn> (default: $TC_WAREHOUSE)",
+    )
+    c.add_argument(
+        "--lake-data",
+        default=os.environ.get(LAKE_DATA_ENV),
+        help=f"the lake's data folder (default: ${LAKE_DATA_ENV})",
+    )
+    c.set_defaults(func=cmd_copy_to_lake)
 
     d = sub.add_parser("demo", help="generate rounds, run them, print the results")
     d.add_argument("--rounds", default=DEMO_ROUNDS, help=f"default {DEMO_ROUNDS}")

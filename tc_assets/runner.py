@@ -58,9 +58,10 @@ from tc_assets.defs.liveness import (
     process_tag,
     reap_dead_runs,
 )
-from tc_assets.defs.partitions import ROUNDS_PARTITIONS_NAME
+from tc_assets.defs.partitions import ROUNDS_PARTITIONS_NAME, set_writer_slots
 from tc_assets.defs.progress import PROGRESS_LOGGER, echo_to, error_message
 from tc_assets.defs.resources import RoundSourceResource
+from tc_assets.io import lake
 from tc_assets.io.source import SourceError
 
 INSTANCE_CONFIG = Path(__file__).resolve().parent / "dagster.yaml"
@@ -207,8 +208,8 @@ class CodeLocation:
     A run created here carries the location's origin (so the UI lists it under the job, in the
     timeline and the partitions, and re-executes it without a version warning) and the job
     snapshot of the same Definitions, built from the environment as the UI builds them
-    (TC_SOURCE, TC_WAREHOUSE, TC_STORAGE are set to the run's paths while the location is
-    open).
+    (TC_SOURCE, TC_WAREHOUSE, TC_STORAGE and, for a lake, TC_LAKE_DATA_PATH are set to the
+    run's paths while the location is open).
     """
 
     def __init__(self, paths: PlatformPaths, instance: dg.DagsterInstance) -> None:
@@ -228,9 +229,10 @@ class CodeLocation:
     def environment(self) -> contextlib.AbstractContextManager[None]:
         """The paths as the code location reads them (PlatformPaths.from_env)."""
         p = self.paths
-        return environment(
-            {"TC_SOURCE": p.source, "TC_WAREHOUSE": p.warehouse, "TC_STORAGE": p.storage}
-        )
+        values = {"TC_SOURCE": p.source, "TC_WAREHOUSE": p.warehouse, "TC_STORAGE": p.storage}
+        if p.lake_data:
+            values[lake.DATA_PATH_ENV] = p.lake_data
+        return environment(values)
 
     def create_run(
         self,
@@ -279,7 +281,8 @@ def run_rounds(
     Before each round, runs whose process is gone are marked failed and their pool slots freed.
     A step waiting for the writers' pool says so and gives up after `guard.pool_wait_s`.
     Ctrl-C or SIGTERM cancels the run in progress and starts no further round; so does a
-    give-up (the last outcome's `stopped` says why).
+    give-up (the last outcome's `stopped` says why). The instance's writers' pool gets the
+    backend's limit (partitions.set_writer_slots: more than 1 on a lake).
     """
     guard = guard or RunGuardSettings()
     out = sys.stdout
@@ -290,6 +293,7 @@ def run_rounds(
 
     run_config = {"loggers": {PROGRESS_LOGGER: {}, "console": {"config": {"log_level": "DEBUG"}}}}
     instance = instance or dg.DagsterInstance.get()
+    set_writer_slots(instance, paths.warehouse)
     source = RoundSourceResource.for_uri(paths.source).open()
     if not paths.source.startswith("s3://") and not Path(paths.source).is_dir():
         raise ValueError(f"source {paths.source} is not a folder")

@@ -32,6 +32,8 @@ from tc_assets.defs.jobs import INGEST_ROUND_JOB, SCORE_ROUND_JOB
 from tc_assets.defs.liveness import dead_runs_sensor, guarded_in_process_executor
 from tc_assets.defs.progress import PROGRESS_LOGGER, progress_logger
 from tc_assets.defs.resources import RoundSourceResource, WarehouseResource, value_storage
+from tc_assets.io import lake
+from tc_assets.io.warehouse import backend_of
 
 __all__ = [
     "CODE_LOCATION",
@@ -55,32 +57,74 @@ REPOSITORY_NAME = "__repository__"  # the repository Dagster makes of a Definiti
 
 @dataclass(frozen=True)
 class PlatformPaths:
-    """Where the platform reads rounds and writes results."""
+    """Where the platform reads rounds and writes results.
+
+    `warehouse` is a DuckDB file path or a DuckLake catalog (`ducklake:...`, see
+    io/lake.py) whose data goes to `lake_data`; `files` holds plots and reports.
+    """
 
     source: str
     warehouse: str
     storage: str
+    lake_data: str | None = None
+    files: str = ""
 
     @classmethod
     def from_env(cls) -> PlatformPaths:
-        """TC_SOURCE, TC_WAREHOUSE, TC_STORAGE, defaulting under TC_HOME (./.tc_platform)."""
-        home = Path(os.environ.get("TC_HOME", ".tc_platform")).expanduser().resolve()
+        """TC_SOURCE, TC_WAREHOUSE (a file, or `ducklake:...` with TC_LAKE_DATA_PATH),
+        TC_STORAGE, defaulting under TC_HOME (./.tc_platform)."""
+        home = tc_home()
         return cls.create(
             source=os.environ.get("TC_SOURCE", str(home / "demo" / "source")),
             warehouse=os.environ.get("TC_WAREHOUSE", str(home / "demo" / "warehouse.duckdb")),
             storage=os.environ.get("TC_STORAGE"),
+            lake_data=os.environ.get(lake.DATA_PATH_ENV),
         )
 
     @classmethod
-    def create(cls, source: str, warehouse: str, storage: str | None = None) -> PlatformPaths:
-        """Absolute paths (S3 URIs as given); asset values go beside the warehouse unless given."""
-        wh = Path(warehouse).expanduser().resolve()
+    def create(
+        cls,
+        source: str,
+        warehouse: str,
+        storage: str | None = None,
+        lake_data: str | None = None,
+    ) -> PlatformPaths:
+        """Absolute paths (S3 URIs as given). Asset values and plots go beside the DuckDB file,
+        or under $TC_HOME/lake for a lake; asset values elsewhere when `storage` is given."""
         src = source if source.startswith("s3://") else str(Path(source).expanduser().resolve())
+        if lake.is_lake(warehouse):
+            if not lake_data:
+                raise ValueError(
+                    f"the lake warehouse needs a data path: set {lake.DATA_PATH_ENV} "
+                    "(s3://bucket/prefix/ or a directory)"
+                )
+            wh, files = warehouse, tc_home() / "lake"
+            if not lake_data.startswith("s3://"):
+                lake_data = str(Path(lake_data).expanduser().resolve())
+        else:
+            path = Path(warehouse).expanduser().resolve()
+            wh, files, lake_data = str(path), path.parent, None
         if storage and storage.startswith("s3://"):
             store = storage
         else:
-            store = str(Path(storage).expanduser().resolve() if storage else wh.parent / "storage")
-        return cls(source=src, warehouse=str(wh), storage=store)
+            store = str(Path(storage).expanduser().resolve() if storage else files / "storage")
+        return cls(source=src, warehouse=wh, storage=store, lake_data=lake_data, files=str(files))
+
+    @property
+    def backend(self) -> str:
+        """`duckdb` or `ducklake`."""
+        return backend_of(self.warehouse)
+
+    def describe_warehouse(self) -> str:
+        """The warehouse for a log line (a lake's catalog without its password)."""
+        if self.lake_data:
+            return f"{lake.redact(self.warehouse)} (data {self.lake_data})"
+        return self.warehouse
+
+
+def tc_home() -> Path:
+    """$TC_HOME (default ./.tc_platform): local state of the command line and the demo."""
+    return Path(os.environ.get("TC_HOME", ".tc_platform")).expanduser().resolve()
 
 
 def area_definitions() -> dg.Definitions:
@@ -117,7 +161,11 @@ def build_definitions(
         loggers={**dg.default_loggers(), PROGRESS_LOGGER: progress_logger},
         resources={
             "round_source": RoundSourceResource.for_uri(paths.source),
-            "warehouse": WarehouseResource(path=paths.warehouse),
+            "warehouse": WarehouseResource(
+                path=paths.warehouse,
+                data_path=paths.lake_data,
+                files_dir=paths.files if paths.lake_data else None,
+            ),
             "io_manager": value_storage(paths.storage),
         },
     )

@@ -3,6 +3,7 @@ decorator, partition key and failure every round asset uses."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,15 +11,42 @@ import dagster as dg
 import pandas as pd
 
 from tc_assets.defs.metadata import metadata_table
+from tc_assets.io import lake
 
 ROUNDS_PARTITIONS_NAME = "rounds"
 
 # Keys are round numbers in decimal, no padding ("301"), added as rounds appear in the source.
 rounds_partitions = dg.DynamicPartitionsDefinition(name=ROUNDS_PARTITIONS_NAME)
 
-# Every asset that opens the DuckDB file for writing runs in this pool; its limit is 1
-# (dagster.yaml), so steps of parallel partitions never contend for DuckDB's single-writer lock.
+# Every asset that writes the warehouse runs in this pool. On the DuckDB file its limit is 1
+# (dagster.yaml), so steps of parallel partitions never contend for DuckDB's single-writer lock;
+# on a lake it is raised to TC_WAREHOUSE_WRITERS (default LAKE_WRITERS) and rounds write at once.
 WAREHOUSE_POOL = "duckdb_writers"
+WRITERS_ENV = "TC_WAREHOUSE_WRITERS"
+LAKE_WRITERS = 4
+
+
+def writer_slots(warehouse: str) -> int:
+    """The writers' pool limit for a warehouse location: 1 for a DuckDB file or a lake whose
+    catalog is a DuckDB file (one process at a time, whatever the environment says);
+    TC_WAREHOUSE_WRITERS (default 4) for a lake on a PostgreSQL catalog."""
+    if not (lake.is_lake(warehouse) and lake.many_writers(warehouse)):
+        return 1
+    value = os.environ.get(WRITERS_ENV, str(LAKE_WRITERS))
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{WRITERS_ENV} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def set_writer_slots(instance: dg.DagsterInstance, warehouse: str) -> int:
+    """Give the instance's writers' pool the limit of `warehouse`; returns it. On the DuckDB
+    file the instance's limit is left as configured unless an earlier lake run raised it."""
+    slots = writer_slots(warehouse)
+    storage = instance.event_log_storage
+    if slots > 1 or storage.get_concurrency_info(WAREHOUSE_POOL).slot_count > 1:
+        storage.set_concurrency_slots(WAREHOUSE_POOL, slots)
+    return slots
+
 
 # An asset of round R that also reads earlier rounds' rows (a window of rounds ending at R)
 # carries this tag and records its window under WINDOW_METADATA_KEY: the window-refresh sensor

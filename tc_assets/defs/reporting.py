@@ -18,10 +18,15 @@ Analysts own the SQL (staging views, the marts `round_leaderboard`, `model_reput
   The round is not a `--vars` and dbt's parse of the project is kept beside the warehouse
   (`dbt/partial_parse.msgpack`), so a round's build does not parse the whole project again. dbt writes the file of the `warehouse`
   resource (passed in TC_WAREHOUSE, which profiles.yml reads), inside the writers' pool, so it
-  never meets a Python writer.
+  never meets a Python writer. On a lake (target `lake` of profiles.yml, catalog and data path
+  in TC_WAREHOUSE and TC_LAKE_DATA_PATH), builds of several rounds take turns under a lock in
+  the catalog's database; a build whose commit still conflicted is run again, up to the
+  resource's conflict_retries.
 """
 
+import contextlib
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -46,7 +51,7 @@ from tc_assets.defs.env import environment
 from tc_assets.defs.metadata import metadata_table, scalars
 from tc_assets.defs.partitions import WAREHOUSE_POOL, round_of, rounds_partitions
 from tc_assets.defs.resources import WarehouseResource
-from tc_assets.io import queries
+from tc_assets.io import lake, queries
 from tc_assets.io.warehouse import WarehouseError
 
 GROUP = "reporting"
@@ -255,9 +260,10 @@ def _round_metadata(
     return out
 
 
-def _reuse_parse(warehouse: Path, target: Path) -> Path:
-    """Give this build the parse kept for `warehouse` (if any); returns where it is kept."""
-    cache = warehouse.parent / PARTIAL_PARSE_CACHE
+def _reuse_parse(directory: Path, target: Path) -> Path:
+    """Give this build the parse kept in the warehouse's `directory` (if any); returns where it
+    is kept."""
+    cache = directory / PARTIAL_PARSE_CACHE
     if cache.exists():
         shutil.copy(cache, target / PARTIAL_PARSE)
     return cache
@@ -337,16 +343,12 @@ def _build_round(
     each mart), read afterwards.
     """
     r = round_of(context)
-    path = Path(warehouse.path).expanduser().resolve()
     # This invocation's artifacts (run_results.json, dbt.log): kept only if the build fails.
     target = Path(tempfile.mkdtemp(prefix=f"dbt_metrics_round_{r}_"))
-    parsed = _reuse_parse(path, target)
+    parsed = _reuse_parse(warehouse.directory, target)
     args = ["build", *(["--full-refresh"] if config.full_refresh else [])]
     wait_for_lock(warehouse)  # dbt's own connect retries then only cover a moment
-    # No colour codes in dbt's output: it ends up in failure messages, logs and the terminal.
-    with environment({WAREHOUSE_ENV: str(path), ROUND_ENV: str(r), "DBT_USE_COLORS": "false"}):
-        invocation = dbt.cli(args, context=context, raise_on_error=False, target_path=target)
-    events = list(invocation.stream())
+    invocation, events = _invoke(context, dbt, warehouse, r, args, target)
     error = invocation.get_error()
     _keep_parse(target / PARTIAL_PARSE, parsed)
     built = {
@@ -362,6 +364,68 @@ def _build_round(
     if error is not None:
         raise error
     shutil.rmtree(target, ignore_errors=True)
+
+
+def _dbt_env(warehouse: WarehouseResource, r: int) -> tuple[dict[str, str], list[str]]:
+    """The environment and extra arguments of a build of round r: the DuckDB file's absolute
+    path, or the lake's catalog and data path with the profile's `lake` target. No colour codes
+    in dbt's output: it ends up in failure messages, logs and the terminal."""
+    env = {ROUND_ENV: str(r), "DBT_USE_COLORS": "false"}
+    if warehouse.backend == "ducklake":
+        env |= {WAREHOUSE_ENV: warehouse.path, lake.DATA_PATH_ENV: warehouse.data_path or ""}
+        return env, ["--target", "lake"]
+    return env | {WAREHOUSE_ENV: str(Path(warehouse.path).expanduser().resolve())}, []
+
+
+def _invoke(
+    context: dg.AssetExecutionContext,
+    dbt: DbtCliResource,
+    warehouse: WarehouseResource,
+    r: int,
+    args: list[str],
+    target: Path,
+) -> tuple[Any, list[Any]]:
+    """Run dbt until it exits; returns the invocation and its events. On a lake, a build whose
+    commit conflicted with another writer is run again, up to the resource's conflict_retries
+    (every model replaces its round, so a second build leaves exactly one round's rows)."""
+    env, extra = _dbt_env(warehouse, r)
+    for attempt in range(warehouse.conflict_retries + 1):
+        with _one_build_at_a_time(warehouse):
+            with environment(env):
+                invocation = dbt.cli(
+                    [*args, *extra], context=context, raise_on_error=False, target_path=target
+                )
+            events = list(invocation.stream())
+        if invocation.get_error() is None or not _conflicted(target):
+            break
+        if attempt < warehouse.conflict_retries:
+            context.log.warning(
+                f"dbt build of round {r} conflicted with another writer of the lake; building "
+                f"again ({attempt + 1} of {warehouse.conflict_retries})"
+            )
+    return invocation, events
+
+
+def _one_build_at_a_time(warehouse: WarehouseResource) -> contextlib.AbstractContextManager:
+    """On a lake, dbt builds of different rounds replace the same staging views and write the
+    same marts, so two at once conflict at nearly every commit: they take turns, under a lock
+    held in the lake's catalog database across processes and machines. The Python writers,
+    which write other tables, go on meanwhile. On the file, the writers' pool already does it."""
+    if warehouse.backend != "ducklake":
+        return contextlib.nullcontext()
+    return lake.exclusive(warehouse.path, "tc_platform.dbt_build")
+
+
+def _conflicted(target: Path) -> bool:
+    """Whether a dbt invocation failed because a lake commit conflicted with another writer."""
+    results = target / "run_results.json"
+    if not results.exists():
+        return False
+    return any(
+        result.get("status") == "error"
+        and lake.CONFLICT_MARKER in str(result.get("message") or "").lower()
+        for result in json.loads(results.read_text()).get("results", [])
+    )
 
 
 @cache

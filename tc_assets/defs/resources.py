@@ -1,5 +1,5 @@
-"""Resources: the round source, the DuckDB warehouse and the values' storage, configured once
-per deployment."""
+"""Resources: the round source, the warehouse (DuckDB file or DuckLake) and the values' storage,
+configured once per deployment."""
 
 from __future__ import annotations
 
@@ -20,24 +20,57 @@ from tc_assets.io.s3_source import (
     S3RoundSource,
 )
 from tc_assets.io.source import LocalRoundSource, RoundSource
-from tc_assets.io.warehouse import Warehouse
+from tc_assets.io.warehouse import Warehouse, backend_of
 
 
 class WarehouseResource(dg.ConfigurableResource):
-    """The DuckDB warehouse file every round-partitioned table is written to."""
+    """Where every round-partitioned table is written: a DuckDB file (one writer at a time) or
+    a DuckLake (catalog in PostgreSQL, Parquet data on S3 or a folder; many writers)."""
 
-    path: str = Field(description="Path of the DuckDB file (created on first write).")
+    path: str = Field(
+        description="The DuckDB file (created on first write), or a DuckLake catalog: "
+        "`ducklake:postgres:<libpq string or postgresql:// URL>` (many machines), "
+        "`ducklake:<file>.ducklake` (one process)."
+    )
+    data_path: str | None = Field(
+        default=None,
+        description="The lake's data folder, s3://bucket/prefix/ or a directory (DuckLake only).",
+    )
+    files_dir: str | None = Field(
+        default=None,
+        description="Folder for plots and reports; default: beside the DuckDB file (required "
+        "for a lake).",
+    )
     lock_timeout_s: float = Field(
         default=300.0,
         description="How long a connection waits for another process's lock on the file.",
     )
+    conflict_retries: int = Field(
+        default=10,
+        description="How many times a lake write that conflicted with another writer's commit "
+        "is run again before it fails.",
+    )
 
     def get(self) -> Warehouse:
-        return Warehouse(self.path, lock_timeout_s=self.lock_timeout_s)
+        return Warehouse(
+            self.path,
+            lock_timeout_s=self.lock_timeout_s,
+            data_path=self.data_path,
+            conflict_retries=self.conflict_retries,
+        )
+
+    @property
+    def backend(self) -> str:
+        """`duckdb` or `ducklake`."""
+        return backend_of(self.path)
 
     @property
     def directory(self) -> Path:
-        """The folder beside the warehouse file, where plots and reports are saved."""
+        """The folder where plots and reports are saved (beside the DuckDB file by default)."""
+        if self.files_dir:
+            return Path(self.files_dir).expanduser().resolve()
+        if self.backend == "ducklake":
+            raise ValueError("a lake warehouse needs files_dir (a folder for plots and reports)")
         return Path(self.path).expanduser().resolve().parent
 
 
