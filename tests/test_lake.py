@@ -1,6 +1,12 @@
-"""The DuckLake backend on a real PostgreSQL catalog (a private cluster on loopback) and a real
-S3 data path (moto's server): the same rows as the DuckDB file, rounds written by concurrent
-processes, two writers of one round, a writer killed mid-write, a file copied into a lake."""
+"""The DuckLake backend on a real PostgreSQL catalog (the session's private cluster on loopback)
+and a real S3 data path (the session's moto server): the same rows as the DuckDB file, rounds
+written by concurrent processes, two writers of one round, a writer killed mid-write, a file
+copied into a lake.
+
+Sized to run in a few minutes on two cores: the smallest generated rounds that still plant every
+kind of model and bad input, and writers that stop inside their transaction at a known point
+(after their first table's rows are inserted) instead of racing large writes against the clock.
+"""
 
 import itertools
 import json
@@ -10,7 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
-import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,44 +25,43 @@ import pandas as pd
 import pytest
 
 from tc_assets.defs.definitions import PlatformPaths, build_definitions
+from tc_assets.defs.env import environment
 from tc_assets.io import lake
+from tc_assets.io.synthetic import SyntheticSettings
 from tc_assets.io.tables import TABLES
 from tc_assets.io.warehouse import Warehouse, WarehouseError
 from tests.conftest import make_source, run_job
-from tests.s3server import client, moto_s3, s3_env
+from tests.s3server import client, s3_env
 
 pytestmark = pytest.mark.slow
 
-BUCKET = "lake"
 ROOT = Path(__file__).resolve().parents[1]
+# The smallest rounds with every planted kind of model (MIN_MODELS) and one bad submission per
+# rule; the pipeline's tables are compared row by row at this size.
+TINY = SyntheticSettings(stocks=300, features=12, models=30, seed=11, with_bad_inputs=True)
 _names = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def s3() -> Iterator[str]:
-    """moto's S3 server with an empty bucket; the environment points DuckDB and boto3 at it."""
-    with moto_s3() as endpoint:
-        client(endpoint).create_bucket(Bucket=BUCKET)
-        saved = {k: os.environ.get(k) for k in s3_env(endpoint)}
-        os.environ.update(s3_env(endpoint))
-        try:
-            yield endpoint
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+def s3(s3_endpoint) -> Iterator[tuple[str, str]]:
+    """A fresh bucket on the session's moto server, and the environment that points DuckDB and
+    boto3 at it for this module; yields (endpoint, bucket)."""
+    bucket = f"lake-{uuid.uuid4().hex[:12]}"
+    client(s3_endpoint).create_bucket(Bucket=bucket)
+    with environment(s3_env(s3_endpoint)):
+        yield s3_endpoint, bucket
 
 
-def new_lake(postgres, prefix: str = "lake") -> tuple[str, str]:
+def new_lake(postgres, s3: tuple[str, str]) -> tuple[str, str]:
     """A fresh lake: an empty catalog database and an unused data prefix on the bucket."""
-    name = f"{prefix}_{next(_names)}_{os.getpid()}"
-    return f"ducklake:postgres:{postgres.create_database(name)}", f"s3://{BUCKET}/{name}/"
+    name = f"lake_{next(_names)}_{os.getpid()}"
+    return f"ducklake:postgres:{postgres.create_database(name)}", f"s3://{s3[1]}/{name}/"
 
 
-def objects(endpoint: str, prefix: str) -> set[str]:
-    pages = client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+def objects(s3: tuple[str, str], prefix: str = "") -> set[str]:
+    """Keys under `prefix` of the bucket."""
+    endpoint, bucket = s3
+    pages = client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return {o["Key"] for page in pages for o in page.get("Contents", [])}
 
 
@@ -70,6 +75,10 @@ def predictions(r: int, n: int, seed: int) -> pd.DataFrame:
             "prediction": rng.random(n),
         }
     )
+
+
+def universe(r: int, n: int) -> pd.DataFrame:
+    return pd.DataFrame({"round": r, "id": [f"id{i}" for i in range(n)], "era": "era1"})
 
 
 def sorted_rows(frame: pd.DataFrame) -> pd.DataFrame:
@@ -95,7 +104,7 @@ print("done", flush=True)
 
 def writer(location: str, data: str, r: int, n: int) -> subprocess.Popen:
     """A process that connects to the lake, says `ready`, and on a line of input writes round
-    r of predictions (n rows of model `w`)."""
+    r of predictions (n rows of model `w`) and says `done`."""
     proc = subprocess.Popen(
         [sys.executable, "-c", WRITER, location, data, str(r), str(n)],
         stdin=subprocess.PIPE,
@@ -107,70 +116,73 @@ def writer(location: str, data: str, r: int, n: int) -> subprocess.Popen:
     return proc
 
 
-def wait_for(what: str, probe, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+def commit_other(proc: subprocess.Popen) -> None:
+    """Let the writer process write and commit its round; wait until it has."""
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "done"
+    assert proc.wait(60) == 0
 
 
-def test_two_writers_of_one_round_one_retries(postgres, s3, caplog):
-    location, data = new_lake(postgres)
-    wh = Warehouse(location, data_path=data, retry_wait_s=0.05)
+def pause_after_first_insert(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make this process's next write stop inside its transaction once its first table's rows
+    are inserted: `inside` is set there, and the write goes on (to its COMMIT) when `go` is."""
+    inside, go = threading.Event(), threading.Event()
+    real = Warehouse._insert
+
+    def insert(con, spec, data) -> None:
+        real(con, spec, data)
+        if not inside.is_set():
+            inside.set()
+            go.wait(120)
+
+    monkeypatch.setattr(Warehouse, "_insert", staticmethod(insert))
+    return inside, go
+
+
+def test_two_writers_of_one_round_one_retries(postgres, s3, monkeypatch, caplog):
+    location, data = new_lake(postgres, s3)
+    wh = Warehouse(location, data_path=data, retry_wait_s=0.01)
     other = writer(location, data, 3, 10)
-    mine = {"predictions": predictions(3, 200_000, 1), "universe": _universe(3, 600_000)}
-    before = objects(s3, "")
+    mine = {"predictions": predictions(3, 2_000, 1), "universe": universe(3, 3_000)}
+    inside, go = pause_after_first_insert(monkeypatch)
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(wh.write_round(3, mine)))
     thread.start()
-    # The first table's file is on S3 while the second is still being written: this
-    # transaction is open. The other writer writes the same round and commits meanwhile.
-    wait_for("the first data file", lambda: objects(s3, "") - before)
-    assert thread.is_alive()
-    other.stdin.write("go\n")
-    other.stdin.flush()
-    assert other.stdout.readline().strip() == "done"
-    assert other.wait(60) == 0
+    # This transaction is open with rows of round 3 inserted; the other process writes the
+    # same round and commits meanwhile.
+    assert inside.wait(120)
+    commit_other(other)
+    go.set()
     thread.join(120)
-    assert result == {"predictions": 200_000, "universe": 600_000}
+    assert result == {"predictions": 2_000, "universe": 3_000}
     retries = [r for r in caplog.records if "conflicted with another writer" in r.getMessage()]
-    assert len(retries) >= 1
-    got = wh.read_round("predictions", 3)
-    assert len(got) == 200_000 and set(got["model_id"]) != {"w"}
-    pd.testing.assert_frame_equal(
-        sorted_rows(got), sorted_rows(mine["predictions"]), check_dtype=False
-    )
-    assert len(wh.read_round("universe", 3)) == 600_000
+    assert len(retries) == 1
+    # The retried write ran after the other's commit: the round holds its rows, once.
+    for name, frame in mine.items():
+        pd.testing.assert_frame_equal(
+            sorted_rows(wh.read_round(name, 3)), sorted_rows(frame), check_dtype=False
+        )
 
 
-def _universe(r: int, n: int) -> pd.DataFrame:
-    return pd.DataFrame({"round": r, "id": [f"id{i}" for i in range(n)], "era": "era1"})
-
-
-def test_conflicts_past_the_limit_fail_with_a_message(postgres, s3):
-    location, data = new_lake(postgres)
+def test_conflicts_past_the_limit_fail_with_a_message(postgres, s3, monkeypatch):
+    location, data = new_lake(postgres, s3)
     wh = Warehouse(location, data_path=data, conflict_retries=0)
     other = writer(location, data, 5, 10)
-    before = objects(s3, "")
+    inside, go = pause_after_first_insert(monkeypatch)
     errors: list[Exception] = []
 
     def write() -> None:
         try:
-            wh.write_round(
-                5, {"predictions": predictions(5, 50_000, 2), "universe": _universe(5, 600_000)}
-            )
+            wh.write_round(5, {"predictions": predictions(5, 500, 2), "universe": universe(5, 500)})
         except WarehouseError as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=write)
     thread.start()
-    wait_for("the first data file", lambda: objects(s3, "") - before)
-    other.stdin.write("go\n")
-    other.stdin.flush()
-    assert other.wait(60) == 0
+    assert inside.wait(120)
+    commit_other(other)
+    go.set()
     thread.join(120)
     assert len(errors) == 1
     assert "another writer changed the same tables" in str(errors[0])
@@ -181,10 +193,15 @@ def test_conflicts_past_the_limit_fail_with_a_message(postgres, s3):
 
 
 KILLED = """
-import sys, numpy as np, pandas as pd
+import sys, pandas as pd
 from tc_assets.io.warehouse import Warehouse
-location, data = sys.argv[1], sys.argv[2]
-n = 1_000_000
+real = Warehouse._insert
+def insert(con, spec, data):
+    real(con, spec, data)
+    print("inserted", spec.name, flush=True)
+    sys.stdin.readline()  # stays here, inside the open transaction, until killed
+Warehouse._insert = staticmethod(insert)
+location, data, n = sys.argv[1], sys.argv[2], 5_000
 frame = pd.DataFrame({"round": 7, "id": [f"new{i}" for i in range(n)], "era": "era2"})
 Warehouse(location, data_path=data).write_round(7, {"universe": frame, "predictions": frame.assign(
     model_id="k", prediction=0.5)[["round", "model_id", "id", "prediction"]]})
@@ -192,15 +209,22 @@ Warehouse(location, data_path=data).write_round(7, {"universe": frame, "predicti
 
 
 def test_a_writer_killed_mid_write_leaves_the_round_and_a_rerun_completes(postgres, s3):
-    location, data = new_lake(postgres)
+    location, data = new_lake(postgres, s3)
     wh = Warehouse(location, data_path=data)
-    previous = {"universe": _universe(7, 1_000), "predictions": predictions(7, 1_000, 3)}
+    previous = {"universe": universe(7, 1_000), "predictions": predictions(7, 1_000, 3)}
     wh.write_round(7, previous)
-    before = objects(s3, "")
-    proc = subprocess.Popen([sys.executable, "-c", KILLED, location, data], cwd=ROOT)
+    before = objects(s3)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED, location, data],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
-        wait_for("the killed writer's first file", lambda: objects(s3, "") - before, 300)
-        assert proc.poll() is None, "the writer finished before it could be killed"
+        # Mid-write: its transaction has replaced round 7's universe rows and written them.
+        assert proc.stdout.readline().strip() == "inserted universe"
+        assert objects(s3) - before, "the killed writer wrote no data file"
     finally:
         os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
@@ -208,7 +232,7 @@ def test_a_writer_killed_mid_write_leaves_the_round_and_a_rerun_completes(postgr
         pd.testing.assert_frame_equal(
             sorted_rows(wh.read_round(name, 7)), sorted_rows(frame), check_dtype=False
         )
-    rerun = {"universe": _universe(7, 500), "predictions": predictions(7, 500, 4)}
+    rerun = {"universe": universe(7, 500), "predictions": predictions(7, 500, 4)}
     assert wh.write_round(7, rerun) == {"universe": 500, "predictions": 500}
     for name, frame in rerun.items():
         pd.testing.assert_frame_equal(
@@ -293,7 +317,7 @@ def source(tmp_path_factory) -> Path:
     """Rounds 1-2 at small size (one bad submission per rule), and rounds 3 and 4: the same
     files as rounds 1 and 2 under other round numbers, so a serial run of 1-2 tells what every
     round-local table of 3-4 must hold."""
-    root = make_source(tmp_path_factory.mktemp("lake_source"), [1, 2])
+    root = make_source(tmp_path_factory.mktemp("lake_source"), [1, 2], TINY)
     for r, like in ((3, 1), (4, 2)):
         shutil.copytree(root / "rounds" / str(like), root / "rounds" / str(r))
         info = root / "rounds" / str(r) / "round.json"
@@ -331,7 +355,7 @@ def test_score_round_and_dbt_on_the_lake_equal_the_file(
     wh = Warehouse(location, data_path=data)
     assert compare(wh, file_reference, {1: 1, 2: 2}, windowed=True) > 10_000
     # The data is Parquet on S3, under the lake's prefix.
-    assert any(k.endswith(".parquet") for k in objects(s3, data.removeprefix(f"s3://{BUCKET}/")))
+    assert any(k.endswith(".parquet") for k in objects(s3, data.removeprefix(f"s3://{s3[1]}/")))
 
 
 def test_four_processes_score_four_rounds_at_once(postgres, s3, source, file_reference, tmp_path):
