@@ -38,7 +38,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 # The smallest rounds with every planted kind of model (MIN_MODELS) and one bad submission per
 # rule; the pipeline's tables are compared row by row at this size.
-TINY = SyntheticSettings(stocks=300, features=12, models=30, seed=11, with_bad_inputs=True)
+TINY = SyntheticSettings(stocks=600, features=12, models=30, seed=11, with_bad_inputs=True)
 _names = itertools.count()
 
 
@@ -345,7 +345,7 @@ def test_score_round_and_dbt_on_the_lake_equal_the_file(
     import dagster as dg
 
     monkeypatch.setenv("TC_HOME", str(tmp_path / "home"))
-    location, data = new_lake(postgres)
+    location, data = new_lake(postgres, s3)
     paths = PlatformPaths.create(str(source), location, lake_data=data)
     assert paths.backend == "ducklake"
     defs = build_definitions(paths)
@@ -359,7 +359,7 @@ def test_score_round_and_dbt_on_the_lake_equal_the_file(
 
 
 def test_four_processes_score_four_rounds_at_once(postgres, s3, source, file_reference, tmp_path):
-    location, data = new_lake(postgres)
+    location, data = new_lake(postgres, s3)
     procs = []
     for r in (1, 2, 3, 4):
         home = tmp_path / f"worker{r}"
