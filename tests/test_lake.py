@@ -339,34 +339,49 @@ def file_reference(source, tmp_path_factory) -> Warehouse:
     return Warehouse(paths.warehouse)
 
 
-def test_score_round_and_dbt_on_the_lake_equal_the_file(
-    postgres, s3, source, file_reference, tmp_path, monkeypatch
-):
+@pytest.fixture(scope="module")
+def lake_home(tmp_path_factory) -> Path:
+    """TC_HOME of every run on the lake (plots, asset values, dbt's kept parse): one deployment
+    whose processes share it, as machines share TC_STORAGE."""
+    return tmp_path_factory.mktemp("lake_home")
+
+
+@pytest.fixture(scope="module")
+def serial_lake(postgres, s3, source, lake_home) -> tuple[str, str]:
+    """A lake with rounds 1 and 2 scored one after the other through the whole `score_round`
+    job (dbt included), in process; yields (catalog, data path)."""
     import dagster as dg
 
-    monkeypatch.setenv("TC_HOME", str(tmp_path / "home"))
     location, data = new_lake(postgres, s3)
-    paths = PlatformPaths.create(str(source), location, lake_data=data)
-    assert paths.backend == "ducklake"
-    defs = build_definitions(paths)
-    with dg.instance_for_test() as instance:
-        for r in (1, 2):
-            assert run_job(defs, instance, r).success
+    with environment({"TC_HOME": str(lake_home)}):
+        paths = PlatformPaths.create(str(source), location, lake_data=data)
+        assert paths.backend == "ducklake"
+        defs = build_definitions(paths)
+        with dg.instance_for_test() as instance:
+            for r in (1, 2):
+                assert run_job(defs, instance, r).success
+    return location, data
+
+
+def test_score_round_and_dbt_on_the_lake_equal_the_file(s3, serial_lake, file_reference):
+    location, data = serial_lake
     wh = Warehouse(location, data_path=data)
     assert compare(wh, file_reference, {1: 1, 2: 2}, windowed=True) > 10_000
     # The data is Parquet on S3, under the lake's prefix.
     assert any(k.endswith(".parquet") for k in objects(s3, data.removeprefix(f"s3://{s3[1]}/")))
 
 
-def test_four_processes_score_four_rounds_at_once(postgres, s3, source, file_reference, tmp_path):
-    location, data = new_lake(postgres, s3)
+def test_processes_score_rounds_at_once(source, serial_lake, file_reference, lake_home, tmp_path):
+    """Two `tc-platform run` processes (each its own Dagster instance, as on two machines)
+    score rounds 3 and 4 into the lake of rounds 1-2 at the same time: all four rounds land,
+    every round-local table equal, row by row, to the serial runs of the same files."""
+    location, data = serial_lake
     procs = []
-    for r in (1, 2, 3, 4):
-        home = tmp_path / f"worker{r}"
+    for r in (3, 4):
         env = {
             **os.environ,
-            "TC_HOME": str(home),
-            "DAGSTER_HOME": str(home / "dagster_home"),
+            "TC_HOME": str(lake_home),
+            "DAGSTER_HOME": str(tmp_path / f"dagster_home_{r}"),
             "TC_WAREHOUSE": location,
             lake.DATA_PATH_ENV: data,
             "PYTHONPATH": str(ROOT),
@@ -382,7 +397,7 @@ def test_four_processes_score_four_rounds_at_once(postgres, s3, source, file_ref
                 text=True,
             )
         )
-    outputs = [p.communicate(timeout=1200)[0] for p in procs]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out
     wh = Warehouse(location, data_path=data)
