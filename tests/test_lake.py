@@ -325,18 +325,41 @@ def source(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def file_reference(source, tmp_path_factory) -> Warehouse:
-    """Rounds 1 and 2 scored one after the other on the DuckDB file (today's default)."""
-    import dagster as dg
-
+@pytest.fixture(scope="module", autouse=True)
+def file_run(source, tmp_path_factory) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """Rounds 1 and 2 scored one after the other on the DuckDB file (today's default) by
+    `tc-platform run` in its own process, started as the module starts so that it runs on the
+    second core beside the lake's tests; yields the process and the warehouse file."""
     tmp = tmp_path_factory.mktemp("file_reference")
-    paths = PlatformPaths.create(str(source), str(tmp / "warehouse.duckdb"))
-    defs = build_definitions(paths)
-    with dg.instance_for_test() as instance:
-        for r in (1, 2):
-            assert run_job(defs, instance, r).success
-    return Warehouse(paths.warehouse)
+    env = {k: v for k, v in os.environ.items() if k not in {"TC_WAREHOUSE", lake.DATA_PATH_ENV}}
+    env |= {
+        "TC_HOME": str(tmp / "home"),
+        "DAGSTER_HOME": str(tmp / "dagster_home"),
+        "PYTHONPATH": str(ROOT),
+    }
+    path = tmp / "warehouse.duckdb"
+    command = [sys.executable, "-m", "tc_assets.cli", "run", "--source", str(source)]
+    with (tmp / "output.txt").open("w") as out:
+        proc = subprocess.Popen(
+            [*command, "--warehouse", str(path), "--rounds", "1-2"],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    yield proc, path
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def file_reference(file_run) -> Warehouse:
+    """The DuckDB file of `file_run`, once its process has exited successfully."""
+    proc, path = file_run
+    returncode = proc.wait(900)
+    assert returncode == 0, (path.parent / "output.txt").read_text()
+    return Warehouse(path)
 
 
 @pytest.fixture(scope="module")
