@@ -354,12 +354,12 @@ def _run_round(
     echo(f"round {key}: running {SCORE_ROUND_JOB} ...")
     start = time.perf_counter()
     # A run started here is run again from here: the daemon's run retries leave it alone.
-    tags = {"source": "cli", MAX_RETRIES_TAG: "0", **process_tag()}
+    run_id = make_new_run_id()
+    tags = {"source": "cli", MAX_RETRIES_TAG: "0", **process_tag(run_id)}
     # What the run reads, so that the daemon's changes sensor does not score it again; a
     # file that cannot be read is the run's to report.
     with contextlib.suppress(SourceError):
         tags |= run_tags(source, int(key))
-    run_id = make_new_run_id()
     stop.run_id = run_id
 
     def execute() -> dg.JobExecutionResult:

@@ -16,6 +16,7 @@ from dagster._core.utils import make_new_run_id
 from tc_assets.defs.definitions import PlatformPaths
 from tc_assets.defs.liveness import (
     TAG_PROCESS,
+    TAG_PROCESS_RUN,
     PoolWatch,
     RunGuardSettings,
     dead_runs_sensor,
@@ -85,11 +86,26 @@ def dead_tag() -> str:
     """A tc/process tag of this host naming a process that has exited."""
     child = subprocess.Popen(["true"])
     child.wait()
-    return f"{process_tag()[TAG_PROCESS].rsplit('/', 2)[0]}/{child.pid}/1"
+    return f"{process_tag('any')[TAG_PROCESS].rsplit('/', 2)[0]}/{child.pid}/1"
+
+
+def test_a_retry_is_not_reaped_for_its_parents_dead_process(home):
+    """A retry inherits its parent's tags, the dead process's among them: until it records
+    its own process it is not taken for dead."""
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        parent = make_new_run_id()
+        inherited = {TAG_PROCESS: dead_tag(), TAG_PROCESS_RUN: parent}
+        retry = dg.DagsterRun(
+            job_name="retry", run_id=make_new_run_id(), status=dg.DagsterRunStatus.STARTED
+        )
+        instance.add_run(retry._replace(tags=inherited))
+        assert reap_dead_runs(instance) == []
+        instance.add_run_tags(retry.run_id, {TAG_PROCESS_RUN: retry.run_id})  # its own, dead
+        assert reap_dead_runs(instance) == [retry.run_id]
 
 
 def test_process_tag_names_this_process_and_a_dead_one():
-    assert not process_gone(process_tag()[TAG_PROCESS])
+    assert not process_gone(process_tag("any")[TAG_PROCESS])
     assert process_gone(dead_tag())
     assert not process_gone(None)
     assert not process_gone("other-host/1/1")  # another machine's process cannot be checked
@@ -128,11 +144,12 @@ def test_run_killed_mid_dbt_then_next_run_on_the_same_home_completes(tmp_path, h
 
 def _holder(instance: dg.DagsterInstance, tag: str) -> str:
     """A STARTED run of the process `tag` names, holding the writers' pool slot."""
+    run_id = make_new_run_id()
     run = dg.DagsterRun(
         job_name="holder",
-        run_id=make_new_run_id(),
+        run_id=run_id,
         status=dg.DagsterRunStatus.STARTED,
-        tags={TAG_PROCESS: tag},
+        tags={TAG_PROCESS: tag, TAG_PROCESS_RUN: run_id},
     )
     instance.add_run(run)
     instance.event_log_storage.initialize_concurrency_limit_to_default(WAREHOUSE_POOL)
@@ -147,7 +164,7 @@ def test_wait_for_the_pool_is_reported_and_gives_up_naming_the_blocking_run(tmp_
     paths = PlatformPaths.create(str(source), str(tmp_path / "wh.duckdb"))
     lines: list[str] = []
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        holder = _holder(instance, process_tag()[TAG_PROCESS])  # this process: alive
+        holder = _holder(instance, process_tag("any")[TAG_PROCESS])  # this process: alive
         outcomes = run_rounds(
             paths,
             [1, 2],

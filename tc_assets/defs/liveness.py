@@ -36,6 +36,9 @@ from pydantic import BaseModel, Field
 from tc_assets.defs.partitions import WAREHOUSE_POOL
 
 TAG_PROCESS = "tc/process"
+# The run the process tag was recorded for: a retry inherits its parent's tags, and the
+# parent's process (gone) must not make the retry look dead before it records its own.
+TAG_PROCESS_RUN = "tc/process_run"
 IN_PROGRESS = [
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
@@ -78,10 +81,18 @@ def _start_ticks(pid: int) -> str | None:
     return None if fields[0] in ("Z", "X") else fields[19]
 
 
-def process_tag(pid: int | None = None) -> dict[str, str]:
-    """The ``tc/process`` tag of a run executing in process `pid` (default: this one)."""
+def process_tag(run_id: str, pid: int | None = None) -> dict[str, str]:
+    """The tags of run `run_id` executing in process `pid` (default: this one)."""
     pid = os.getpid() if pid is None else pid
-    return {TAG_PROCESS: f"{socket.gethostname()}/{pid}/{_start_ticks(pid)}"}
+    return {
+        TAG_PROCESS: f"{socket.gethostname()}/{pid}/{_start_ticks(pid)}",
+        TAG_PROCESS_RUN: run_id,
+    }
+
+
+def recorded_process(run: dg.DagsterRun) -> str | None:
+    """The run's ``tc/process`` tag if it was recorded for this run (not inherited)."""
+    return run.tags.get(TAG_PROCESS) if run.tags.get(TAG_PROCESS_RUN) == run.run_id else None
 
 
 def process_gone(tag: str | None) -> bool:
@@ -108,8 +119,8 @@ def describe_run(instance: dg.DagsterInstance, run_id: str) -> str:
     parts = [run.status.value.lower()]
     if "dagster/partition" in run.tags:
         parts.append(f"round {run.tags['dagster/partition']}")
-    if TAG_PROCESS in run.tags:
-        host, pid, _ = run.tags[TAG_PROCESS].rsplit("/", 2)
+    if tag := recorded_process(run):
+        host, pid, _ = tag.rsplit("/", 2)
         parts.append(f"pid {pid} on {host}")
     return f"run {run_id} ({', '.join(parts)})"
 
@@ -133,7 +144,7 @@ def reap_dead_runs(instance: dg.DagsterInstance, run_ids: list[str] | None = Non
     in_progress = instance.get_runs(dg.RunsFilter(statuses=IN_PROGRESS, run_ids=run_ids or None))
     reaped = []
     for run in in_progress:
-        tag = run.tags.get(TAG_PROCESS)
+        tag = recorded_process(run)
         if process_gone(tag):
             pid = tag.rsplit("/", 2)[1] if tag else "?"
             release_run(
@@ -309,7 +320,7 @@ class GuardedInProcessExecutor(InProcessExecutor):
     ) -> Iterator[dg.DagsterEvent]:
         instance = plan_context.instance
         run = plan_context.dagster_run
-        instance.add_run_tags(run.run_id, process_tag())
+        instance.add_run_tags(run.run_id, process_tag(run.run_id))
 
         def notify(message: str) -> None:
             instance.report_engine_event(message, run)
