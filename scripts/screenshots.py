@@ -24,12 +24,12 @@ ROUND = os.environ.get("TC_SCREENSHOT_ROUND", "8")
 # name -> path of the UI page
 PAGES = {
     "lineage": "/asset-groups",
-    "tc_scores": f"/assets/tc_scores?partition={ROUND}",
-    "payouts": f"/assets/payouts?partition={ROUND}",
+    "tc_scores": f"/assets/tc_scores?view=events&partition={ROUND}",
+    "payouts": f"/assets/payouts?view=events&partition={ROUND}",
     "automation": "/automation",
 }
 ONLY = os.environ.get("TC_SCREENSHOTS", "")  # comma list of page names (default: all)
-SIZE = "1400,900"
+SIZE = "1400,1400"
 
 
 def free_port() -> int:
