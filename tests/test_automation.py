@@ -487,15 +487,15 @@ def test_a_resolution_removed_after_scoring_keeps_the_round_as_scored_and_says_s
     instance, tmp_path
 ):
     """resolved.parquet deleted after the round was scored: the changes sensor scores the round
-    again; it keeps its targets and every result from them (the meta portfolio's weights
-    included, never NULL beside payouts), and `resolved` records that the file is missing."""
+    again; it keeps its targets and every result from them, and `resolved` records that the
+    file is missing."""
     scored = SyntheticSettings(stocks=600, features=12, models=30, seed=5)
     local_source = Source(tmp_path / "staging", tmp_path / "source", settings=scored)
     local_source.publish([1])
     p = Platform(local_source, instance, tmp_path)
     assert all(o.success for o in run_rounds(p.paths, [1], instance=instance, echo=print))
     wh = Warehouse(p.paths.warehouse)
-    tables = ("resolved", "meta_model", "tc_scores", "payouts", "portfolio_scores")
+    tables = ("resolved", "tc_scores", "payouts", "portfolio_scores")
     before = {t: wh.read_round(t, 1) for t in tables}
     assert p.sensor("round_changes_sensor").run_requests == []
 
@@ -506,7 +506,6 @@ def test_a_resolution_removed_after_scoring_keeps_the_round_as_scored_and_says_s
     assert result.success
     for t in tables:
         pd.testing.assert_frame_equal(wh.read_round(t, 1), before[t], check_exact=False)
-    assert wh.read_round("meta_model", 1)["weight"].notna().all()
     (observation,) = [
         e.asset_observation_data.asset_observation
         for e in result.all_events

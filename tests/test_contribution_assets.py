@@ -66,11 +66,14 @@ def test_meta_portfolio_and_tc_scores_on_a_generated_round(
     w = meta["weight"].to_numpy()
     assert check_constraints(w, spec, tol=1e-7) == []
     assert np.maximum(w, 0).sum() == pytest.approx(1.0) and w.sum() == pytest.approx(0.0, abs=1e-9)
-    # ... whose metadata says how it binds.
+    # ... whose metadata says how it binds and what it earned (R = w . centred target).
     md = metadata(result, "meta_portfolio")
     assert md["status"] == "optimal" and md["kkt_residual"] <= 1e-10
     assert md["active_position_caps"] > 0 and md["active_exposure_limits"] > 0
     assert md["free_positions"] > 0 and md["exposure_constraints"] == spec.n_exposures
+    target = wh.read_round("resolved", 1).set_index("id")["target"].reindex(inputs.ids)
+    centred = (target - target.mean()).fillna(0.0).to_numpy()
+    assert md["realized_R_target"] == pytest.approx(float(w @ centred), abs=1e-12)
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["meta_portfolio_constraints"].passed
 
@@ -87,10 +90,9 @@ def test_meta_portfolio_and_tc_scores_on_a_generated_round(
     assert md["bags"] + md["skipped_bags"] + md["untradable_bags"] == 100
     assert md["untradable_bags"] <= 10 and (tc["bags"] == md["bags"]).all()
     assert md["split_half_stability"] > 0.9 and md["corr_with_unbagged_gradient"] > 0.8
-    # What the meta portfolio earned: R = w . centred target.
-    target = wh.read_round("resolved", 1).set_index("id")["target"].reindex(inputs.ids)
-    centred = (target - target.mean()).fillna(0.0).to_numpy()
-    assert md["meta_portfolio_R"] == pytest.approx(float(w @ centred), rel=1e-5)  # 6 digits
+    assert md["meta_portfolio_R"] == pytest.approx(
+        metadata(result, "meta_portfolio")["realized_R_target"]
+    )
     assert checks["tc_scores_finite"].passed
 
     # The planted duplicates (same predictions as another model, other stake) get the same TC.

@@ -344,6 +344,7 @@ def test_a_round_resolved_with_targets_only_is_scored_and_paid(tmp_path, instanc
     logs = " ".join(_log_messages(instance, result.run_id))
     assert "resolved.parquet has targets only (no return column)" in logs
     assert "capacity curves need realized returns and are skipped" in logs
+    assert "realized_R_return is skipped" in logs
     md = _materialization(instance, "portfolio_scores", r)
     assert md["meta_loss_basis"].value == "mb"
     assert "skipped" in md["capacity_curves"].value

@@ -1,9 +1,8 @@
 """Contribution assets: the optimized meta portfolio and every model's True Contribution.
 
 Both use the one optimizer problem of `scoring/optimizer.py`, built from the round's medium
-features and liquidity. The meta portfolio needs no target: it is built as soon as the round is
-ingested (what the fund trades). TC needs the resolved target (TC = dR/dstake for the realized
-return R), so it is skipped, not failed, until the round resolves.
+features and liquidity. They need the resolved target (the portfolio's realized return R, and
+TC = dR/dstake), so they are skipped, not failed, until the round resolves.
 """
 
 from pathlib import Path
@@ -18,6 +17,7 @@ from tc_assets.defs.metadata import metadata_table, rounded, timer, warehouse_ta
 from tc_assets.defs.partitions import round_asset, round_failure, round_of
 from tc_assets.defs.plots import attribution_figure, plot_metadata
 from tc_assets.defs.resources import WarehouseResource
+from tc_assets.io.contract import RETURN_COLUMN
 from tc_assets.scoring.contribution import (
     TCResult,
     TCSettings,
@@ -92,11 +92,11 @@ def meta_portfolio(
     universe: pd.DataFrame,
     round_info: dict,
     market: pd.Series | None,
+    resolved: pd.DataFrame,
     warehouse: WarehouseResource,
 ) -> dg.Output[pd.DataFrame]:
     """The optimized portfolio of the round's meta model (index: id; weight, swmm), written to
-    `meta_model.weight`. It needs no target, so a round has it from ingestion on; what it
-    earned (MB, MR) is `portfolio_scores`' once the round resolves."""
+    `meta_model.weight`; its realized return R = w . t (t the centred target) in the metadata."""
     r = round_of(context)
     spec = optimizer.round_spec(universe, round_info, market)
     x = meta_model.reindex(universe.index).to_numpy(dtype=np.float64)
@@ -111,16 +111,26 @@ def meta_portfolio(
     frame = pd.DataFrame({"weight": sol.weights, "swmm": x}, index=universe.index)
     weights = pd.DataFrame({"id": universe.index.to_numpy(), "weight": sol.weights})
     warehouse.get().update_columns("meta_model", r, weights, on=("id",), columns=("weight",))
-    metadata = {"round": r, **_solution_metadata(sol, spec, frame), **t}
+    columns = ["target", RETURN_COLUMN] if RETURN_COLUMN in resolved.columns else ["target"]
+    if RETURN_COLUMN not in columns:
+        context.log.info(f"round {r}: no realized returns, realized_R_return is skipped")
+    realized = {
+        f"realized_R_{column}": float(sol.weights @ centred_target(resolved, frame.index, column))
+        for column in columns
+    }
+    metadata = {"round": r, **_solution_metadata(sol, spec, frame, realized), **t}
     return dg.Output(frame, metadata=metadata)
 
 
-def _solution_metadata(sol: PortfolioSolution, spec: PortfolioSpec, frame: pd.DataFrame) -> dict:
+def _solution_metadata(
+    sol: PortfolioSolution, spec: PortfolioSpec, frame: pd.DataFrame, realized: dict
+) -> dict:
     """What the solver did and what the portfolio holds."""
     top = frame.assign(abs_weight=frame["weight"].abs()).nlargest(10, "abs_weight")
     return {
         "status": sol.status,
         "objective": sol.objective,
+        **realized,
         "iterations": sol.iterations,
         "kkt_residual": sol.kkt_residual,
         "active_position_caps": sol.active_caps,
