@@ -483,20 +483,22 @@ def test_windowed_results_of_later_rounds_follow_a_re_scored_round(instance, tmp
     pd.testing.assert_frame_equal(after, expected)
 
 
-def test_a_resolution_removed_after_scoring_keeps_the_round_as_scored_and_says_so(
+def test_a_resolution_removed_after_scoring_scores_the_round_from_its_stored_targets(
     instance, tmp_path
 ):
     """resolved.parquet deleted after the round was scored: the changes sensor scores the round
-    again; it keeps its targets and every result from them, and `resolved` records that the
-    file is missing."""
+    again from the targets stored then. Every result equals the first scoring, the meta
+    portfolio's weights included (none left NULL beside the payouts), and `resolved` records
+    that the file is missing."""
     scored = SyntheticSettings(stocks=600, features=12, models=30, seed=5)
     local_source = Source(tmp_path / "staging", tmp_path / "source", settings=scored)
     local_source.publish([1])
     p = Platform(local_source, instance, tmp_path)
     assert all(o.success for o in run_rounds(p.paths, [1], instance=instance, echo=print))
     wh = Warehouse(p.paths.warehouse)
-    tables = ("resolved", "tc_scores", "payouts", "portfolio_scores")
+    tables = ("resolved", "meta_model", "tc_scores", "model_metrics", "payouts", "portfolio_scores")
     before = {t: wh.read_round(t, 1) for t in tables}
+    assert before["meta_model"]["weight"].notna().all()
     assert p.sensor("round_changes_sensor").run_requests == []
 
     (local_source.root / "rounds/1/resolved.parquet").unlink()
@@ -505,15 +507,16 @@ def test_a_resolution_removed_after_scoring_keeps_the_round_as_scored_and_says_s
     result = p.launch(rescore, "score_round")
     assert result.success
     for t in tables:
-        pd.testing.assert_frame_equal(wh.read_round(t, 1), before[t], check_exact=False)
-    (observation,) = [
-        e.asset_observation_data.asset_observation
+        pd.testing.assert_frame_equal(wh.read_round(t, 1), before[t], check_exact=False, obj=t)
+    materialized = {
+        e.asset_key: e.step_materialization_data.materialization
         for e in result.all_events
-        if e.event_type == dg.DagsterEventType.ASSET_OBSERVATION
-        and e.asset_key == dg.AssetKey("resolved")
-    ]
-    assert observation.metadata["source_file"].value == "missing"
-    assert observation.metadata["kept_rows"].value == len(before["resolved"])
+        if e.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION
+    }
+    assert dg.AssetKey("tc_scores") in materialized
+    kept = materialized[dg.AssetKey("resolved")].metadata
+    assert kept["source_file"].value == "missing"
+    assert kept["kept_rows"].value == len(before["resolved"])
 
 
 # --- close schedule -------------------------------------------------------------------------

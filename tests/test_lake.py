@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The smallest rounds with every planted kind of model (MIN_MODELS) and one bad submission per
 # rule; the pipeline's tables are compared row by row at this size.
 TINY = SyntheticSettings(stocks=600, features=12, models=30, seed=11, with_bad_inputs=True)
+LIKE = {3: 1, 4: 2, 5: 1, 6: 2}  # rounds written at once -> the round whose files they copy
 _names = itertools.count()
 
 
@@ -314,11 +315,11 @@ def compare(lake_wh: Warehouse, file_wh: Warehouse, rounds: dict[int, int], wind
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    """Rounds 1-2 at small size (one bad submission per rule), and rounds 3 and 4: the same
-    files as rounds 1 and 2 under other round numbers, so a serial run of 1-2 tells what every
-    round-local table of 3-4 must hold."""
+    """Rounds 1-2 at small size (one bad submission per rule), and rounds 3 to 6: the same
+    files as rounds 1 and 2 under other round numbers (`LIKE`), so a serial run of 1-2 tells
+    what every round-local table of 3-6 must hold."""
     root = make_source(tmp_path_factory.mktemp("lake_source"), [1, 2], TINY)
-    for r, like in ((3, 1), (4, 2)):
+    for r, like in LIKE.items():
         shutil.copytree(root / "rounds" / str(like), root / "rounds" / str(r))
         info = root / "rounds" / str(r) / "round.json"
         info.write_text(json.dumps({**json.loads(info.read_text()), "round": r}))
@@ -395,12 +396,13 @@ def test_score_round_and_dbt_on_the_lake_equal_the_file(s3, serial_lake, file_re
 
 
 def test_processes_score_rounds_at_once(source, serial_lake, file_reference, lake_home, tmp_path):
-    """Two `tc-platform run` processes (each its own Dagster instance, as on two machines)
-    score rounds 3 and 4 into the lake of rounds 1-2 at the same time: all four rounds land,
-    every round-local table equal, row by row, to the serial runs of the same files."""
+    """Four `tc-platform run` processes (each its own Dagster instance, as on four machines)
+    score rounds 3 to 6 into the lake of rounds 1-2 at the same time: all four rounds land,
+    every round-local table equal, row by row (row counts included), to the serial runs of the
+    same files."""
     location, data = serial_lake
     procs = []
-    for r in (3, 4):
+    for r in LIKE:
         env = {
             **os.environ,
             "TC_HOME": str(lake_home),
@@ -424,7 +426,7 @@ def test_processes_score_rounds_at_once(source, serial_lake, file_reference, lak
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out
     wh = Warehouse(location, data_path=data)
-    assert compare(wh, file_reference, {1: 1, 2: 2, 3: 1, 4: 2}, windowed=False) > 20_000
+    assert compare(wh, file_reference, {1: 1, 2: 2, **LIKE}, windowed=False) > 30_000
 
 
 def test_copy_a_file_into_a_lake(postgres, s3, file_reference, tmp_path, capsys):

@@ -33,6 +33,7 @@ from tc_assets.io.ingest import (
     ingest_round,
     load_resolved,
     resolved_table,
+    stored_resolved,
     warehouse_tables,
 )
 from tc_assets.io.source import SourceError, SourceUnavailable
@@ -208,7 +209,7 @@ def resolved(
     universe: pd.DataFrame,
     round_source: RoundSourceResource,
     warehouse: WarehouseResource,
-) -> Iterator[dg.Output | dg.AssetObservation]:
+) -> Iterator[dg.Output]:
     """Targets, and realized returns when published (index: id), once resolved.parquet has
     arrived.
 
@@ -220,10 +221,17 @@ def resolved(
         source = round_source.open()
         frame = load_resolved(source, r, universe.index)
     if frame is None:
-        yield from _unresolved(context, r, f"{source.uri}/rounds/{r}/resolved.parquet", warehouse)
-        return
-    with timer() as t, only_transient_retried(r):
-        counts = warehouse.get().write_round(r, {"resolved": resolved_table(frame)})
+        frame = _stored(context, r, f"{source.uri}/rounds/{r}/resolved.parquet", warehouse)
+        if frame is None:
+            return
+        metadata = {"source_file": "missing", "kept_rows": len(frame)}
+    else:
+        with timer() as t, only_transient_retried(r):
+            counts = warehouse.get().write_round(r, {"resolved": resolved_table(frame)})
+        metadata = {
+            **warehouse_table("resolved", counts["resolved"]),
+            "write_seconds": t["seconds"],
+        }
     if RETURN_COLUMN not in frame.columns:
         context.log.info(
             f"round {r}: resolved.parquet has targets only (no return column): the round is "
@@ -231,38 +239,31 @@ def resolved(
             "curves are skipped, and the raw payout basis or TC on 'return', if configured, "
             "fail."
         )
-    metadata = {
-        "round": r,
-        **warehouse_table("resolved", counts["resolved"]),
-        **_resolved_metadata(frame, universe),
-        "write_seconds": t["seconds"],
-    }
+    metadata = {"round": r, **metadata, **_resolved_metadata(frame, universe)}
     yield dg.Output(frame, metadata=rounded(metadata))
 
 
-def _unresolved(
+def _stored(
     context: dg.AssetExecutionContext, r: int, path: str, warehouse: WarehouseResource
-) -> Iterator[dg.AssetObservation]:
-    """No resolved.parquet: the round awaits resolution, or its file was removed after it was
-    scored. Then its targets and every result from them are kept as scored, and said so."""
+) -> pd.DataFrame | None:
+    """No resolved.parquet: the round awaits resolution (None), or its file was removed after
+    the round was scored. Then the round goes on from the targets stored then, and says so:
+    every result downstream is computed again from the same targets, so none is left beside a
+    value (a meta-model weight, a payout) that the file's absence would have dropped."""
     with only_transient_retried(r):
-        kept = len(warehouse.get().read_round("resolved", r))
-    if not kept:
+        rows = warehouse.get().read_round("resolved", r)
+    if not len(rows):
         context.log.info(
             f"round {r} is awaiting resolution: {path} has not arrived; target-dependent "
             "assets are skipped until it does."
         )
-        return
+        return None
     context.log.warning(
-        f"round {r}: {path} is gone, but the round was scored on an earlier one: its {kept} "
-        "resolved rows and every result computed from them are kept as scored (a new "
-        "resolved.parquet scores it again)."
+        f"round {r}: {path} is gone, but the round was scored on an earlier one: it is scored "
+        f"again from the {len(rows)} resolved rows stored then (a new resolved.parquet replaces "
+        "them)."
     )
-    yield dg.AssetObservation(
-        asset_key=context.asset_key,
-        partition=context.partition_key,
-        metadata={"round": r, "source_file": "missing", "kept_rows": kept},
-    )
+    return stored_resolved(rows)
 
 
 def _resolved_metadata(frame: pd.DataFrame, universe: pd.DataFrame) -> dict:

@@ -466,6 +466,17 @@ def warehouse_tables(inputs: RoundInputs, source_uri: str) -> dict[str, pd.DataF
     return tables
 
 
+def stored_resolved(rows: pd.DataFrame) -> pd.DataFrame:
+    """The resolved frame as `load_resolved` gave it, from the round's stored `resolved` rows
+    (the inverse of `resolved_table`): a `return` column only when the round published one."""
+    ret = c.RETURN_COLUMN
+    columns = {"target": rows["target"].to_numpy(dtype=np.float64)}
+    if rows[ret].notna().any():
+        columns[ret] = rows[ret].to_numpy(dtype=np.float64)
+    index = pd.Index(rows["id"].to_numpy(dtype=object), name="id")
+    return pd.DataFrame(columns, index=index).sort_index()
+
+
 def resolved_table(resolved: pd.DataFrame) -> pd.DataFrame:
     """The `resolved` rows; `return` is NULL for a round resolved with targets only."""
     ret = c.RETURN_COLUMN
