@@ -438,6 +438,14 @@ def test_stale_rounds_count_only_parents_inside_the_window_and_newer_than_the_re
     assert stale == {"3": 60}
 
 
+def test_results_wait_while_a_run_of_their_round_or_an_earlier_one_is_in_flight():
+    results = {"2": 20, "3": 30, "5": 50, "10": 100}
+    assert a.settled(results, set()) == results
+    # round 4 in flight can still change the windows of rounds 4 and later (10 > 4 as numbers).
+    assert a.settled(results, {"4", "12"}) == {"2": 20, "3": 30}
+    assert a.settled(results, {"1"}) == {}
+
+
 def _sharpe(p: Platform, r: int) -> pd.DataFrame:
     """Round r's stored Sharpe contributions, by model."""
     frame = Warehouse(p.paths.warehouse).read_round("sharpe_contribution", r)

@@ -190,9 +190,10 @@ class Dagster:
         return data["assetNodeOrError"]["partitionKeys"]
 
     def sensor_ticks(self, name: str) -> list[dict[str, Any]]:
+        """The sensor's latest ticks, newest first ({status, timestamp}); none unless running."""
         data = self.query(
             """query Sensor($selector: SensorSelector!) { sensorOrError(sensorSelector: $selector) {
-                 ... on Sensor { sensorState { status ticks(limit: 5) { status } } } } }""",
+                 ... on Sensor { sensorState { status ticks(limit: 5) { status timestamp } } } } }""",
             {
                 "selector": {
                     "repositoryLocationName": LOCATION,

@@ -75,18 +75,7 @@ def warehouse_contents(path: str) -> dict[str, pd.DataFrame]:
 
 def last_tick(d: Dagster, sensor: str) -> tuple[str, float]:
     """(status, timestamp) of the sensor's latest tick, ("", 0) before its first."""
-    data = d.query(
-        """query Sensor($selector: SensorSelector!) { sensorOrError(sensorSelector: $selector) {
-             ... on Sensor { sensorState { ticks(limit: 1) { status timestamp } } } } }""",
-        {
-            "selector": {
-                "repositoryLocationName": "tc_platform",
-                "repositoryName": "__repository__",
-                "sensorName": sensor,
-            }
-        },
-    )
-    ticks = (data["sensorOrError"].get("sensorState") or {}).get("ticks") or []
+    ticks = d.sensor_ticks(sensor)
     return (ticks[0]["status"], float(ticks[0]["timestamp"])) if ticks else ("", 0.0)
 
 

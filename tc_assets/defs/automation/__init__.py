@@ -32,7 +32,12 @@ from tc_assets.defs.automation.state import (
     input_stamp,
     run_tags,
 )
-from tc_assets.defs.automation.windows import build_window_sensor, refresh_requests, stale_rounds
+from tc_assets.defs.automation.windows import (
+    build_window_sensor,
+    refresh_requests,
+    settled,
+    stale_rounds,
+)
 
 __all__ = [
     "PARTITION_TAG",
@@ -58,6 +63,7 @@ __all__ = [
     "refresh_requests",
     "round_problem",
     "run_tags",
+    "settled",
     "stale_rounds",
 ]
 

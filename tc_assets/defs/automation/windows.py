@@ -7,7 +7,9 @@ When a round K of that window is scored again (its inputs or its resolution chan
 still holds K's old rows. Dagster's event log numbers every materialization in order (storage
 ids), so for each windowed asset the sensor compares the id of its latest materialization of R
 with those of its parents (the assets whose tables its window reads) in the rounds of R's window
-(every round up to R when the window is not recorded). For each stale round it requests one run
+(every round up to R when the window is not recorded). A round waits while a run of it or of an
+earlier round is queued or in progress: that run may change its window again, and one refresh
+after it covers both. For each stale round it requests one run
 of the stale windowed assets and of everything downstream of them in the round (the marts that
 read them). A run key names the newest parent materialization, so each refresh is requested
 once: a refresh that fails is not retried in a loop.
@@ -53,6 +55,13 @@ def stale_rounds(
     return out
 
 
+def settled(results: Mapping[str, int], busy: Iterable[str]) -> dict[str, int]:
+    """The results no queued or running run can make stale: those of rounds before the first
+    round in flight (a run of round K changes the windows of K and of every later round)."""
+    first_busy = min((int(r) for r in busy), default=None)
+    return {r: i for r, i in results.items() if first_busy is None or int(r) < first_busy}
+
+
 def _window_first(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str) -> int | None:
     """The first round of the window recorded by the result's latest materialization."""
     records = instance.fetch_materializations(
@@ -92,7 +101,7 @@ def refresh_requests(instance: dg.DagsterInstance, graph: BaseAssetGraph) -> lis
         results = instance.get_latest_storage_id_by_partition(key, MATERIALIZATION)
         parents = _newest_by_round(instance, graph.get(key).parent_keys)
         found = stale_rounds(
-            {r: i for r, i in results.items() if r not in busy},
+            settled(results, busy),
             parents,
             lambda partition, key=key: _window_first(instance, key, partition),
         )
