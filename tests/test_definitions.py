@@ -127,6 +127,16 @@ def test_round_jobs_select_their_assets(defs):
     ingest = defs.resolve_job_def(INGEST_ROUND_JOB).asset_layer.selected_asset_keys
     assert score == defs.resolve_asset_graph().get_all_asset_keys()
     assert sorted(k.to_user_string() for k in ingest) == PYTHON_ASSETS["ingestion"]
+    # The ingestion's own checks only: dbt's tests of the ingested tables wait for the scoring
+    # run's build, so an ingestion does not start dbt.
+    ingest_job = defs.resolve_job_def(INGEST_ROUND_JOB)
+    checks = ingest_job.asset_layer.asset_graph.asset_check_keys
+    assert sorted(c.name for c in checks) == [
+        "predictions_coverage",
+        "resolved_coverage",
+        "submission_rejections",
+    ]
+    assert "dbt_metrics" not in {n.name for n in ingest_job.graph.node_defs}
 
 
 def test_resources(defs):

@@ -372,7 +372,10 @@ def resolved_coverage(
     )
 
 
+# The ingestion's own checks (dbt's tests of the ingested tables run in the round's dbt build).
+CHECKS = [predictions_coverage, submission_rejections, resolved_coverage]
+
 defs = dg.Definitions(
     assets=[round_inputs, resolved],
-    asset_checks=[predictions_coverage, submission_rejections, resolved_coverage],
+    asset_checks=CHECKS,
 )
