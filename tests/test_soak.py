@@ -1,7 +1,8 @@
 """Soak: ten rounds through the daemon while run processes are killed and resolutions arrive late.
 
 The webserver and the daemon (tests/test_e2e_daemon.py's harness, local instance) watch a local
-round source. All ten rounds are published at once, four of them without resolved.parquet.
+round source. Beside them, from the start, `tc-platform run` scores the same rounds, every file
+present, one after the other into a clean warehouse: the reference. All ten rounds are published at once, four of them without resolved.parquet.
 While the daemon ingests and scores them, the test kills run processes with SIGKILL (by the pid
 their `tc/process` tag names, at a random moment of the run, never a retry) and uploads the late
 resolutions one by one at random times. It ends when nothing is left to run, and then requires:
@@ -16,18 +17,17 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 from pathlib import Path
 
-import dagster as dg
 import pandas as pd
 import pytest
 
-from tc_assets.defs.definitions import PlatformPaths
 from tc_assets.io.synthetic import SyntheticSettings, generate_source
 from tc_assets.io.warehouse import Warehouse
-from tc_assets.runner import run_rounds
 from tests.test_e2e_daemon import REPO, Dagster, alive
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -53,9 +53,28 @@ def publish(staging: Path, root: Path, rounds: list[int], late: set[int]) -> Non
         shutil.copy(src / "round.json", dst / "round.json")
 
 
-def warehouse_contents(path: str) -> dict[str, pd.DataFrame]:
-    """Every base table (marts included) in a canonical row order, timestamps dropped and
-    paths of files beside the warehouse (plots) made relative to it."""
+def clean_run(source: Path, tmp: Path) -> subprocess.Popen:
+    """`tc-platform run` of every round of `source`, one after the other, into
+    tmp/warehouse.duckdb (its own home and Dagster instance); output in tmp/output.txt."""
+    tmp.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TC_", "DAGSTER_"))}
+    env |= {"TC_HOME": str(tmp / "home"), "DAGSTER_HOME": str(tmp / "dagster_home")}
+    env["PYTHONPATH"] = str(REPO)
+    command = [sys.executable, "-m", "tc_assets.cli", "run", "--source", str(source)]
+    with (tmp / "output.txt").open("w") as out:
+        return subprocess.Popen(
+            [*command, "--warehouse", str(tmp / "warehouse.duckdb")],
+            env=env,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def warehouse_contents(path: str, renamed: dict[str, str]) -> dict[str, pd.DataFrame]:
+    """Every base table (marts included) in a canonical row order, timestamps dropped, paths
+    of files beside the warehouse (plots) made relative to it, and values in `renamed` (the
+    source folder) replaced."""
     wh = Warehouse(path)
     beside = f"{Path(path).parent}/"
     names = wh.query(
@@ -69,6 +88,8 @@ def warehouse_contents(path: str) -> dict[str, pd.DataFrame]:
         for column in frame.columns:
             if frame[column].map(lambda v: isinstance(v, str) and v.startswith(beside)).any():
                 frame[column] = frame[column].str.removeprefix(beside)
+            if frame[column].map(lambda v: isinstance(v, str) and v in renamed).any():
+                frame[column] = frame[column].replace(renamed)
         out[f"{schema}.{name}"] = frame.sort_values(list(frame.columns)).reset_index(drop=True)
     return out
 
@@ -79,10 +100,12 @@ def last_tick(d: Dagster, sensor: str) -> tuple[str, float]:
     return (ticks[0]["status"], float(ticks[0]["timestamp"])) if ticks else ("", 0.0)
 
 
-def test_ten_rounds_through_the_daemon_with_kills_and_late_resolutions(tmp_path):
+def test_ten_rounds_through_the_daemon_with_kills_and_late_resolutions(tmp_path, request):
     rng = random.Random(20261202)
     staging, root = tmp_path / "staging", tmp_path / "source"
     generate_source(staging, ROUNDS, SOAK)
+    reference = clean_run(staging, tmp_path / "clean")
+    request.addfinalizer(lambda: reference.poll() is None and reference.kill())
     (root / "rounds").mkdir(parents=True)
     late = rng.sample(ROUNDS, LATE)
     env = {
@@ -164,14 +187,13 @@ def test_ten_rounds_through_the_daemon_with_kills_and_late_resolutions(tmp_path)
     finally:
         d.kill()
 
-    got = warehouse_contents(env["TC_WAREHOUSE"])
+    got = warehouse_contents(env["TC_WAREHOUSE"], {})
     for r in ROUNDS:
         assert len(got["main.tc_scores"].query(f"round == {r}")), f"round {r} has no TC"
-    clean = PlatformPaths.create(str(root), str(tmp_path / "clean" / "warehouse.duckdb"))
-    with dg.instance_for_test() as instance:
-        outcomes = run_rounds(clean, ROUNDS, instance=instance, echo=lambda _: None)
-    assert all(o.success for o in outcomes), [o.failures for o in outcomes if not o.success]
-    expected = warehouse_contents(clean.warehouse)
+    assert reference.wait(1200) == 0, (tmp_path / "clean" / "output.txt").read_text()
+    expected = warehouse_contents(
+        str(tmp_path / "clean" / "warehouse.duckdb"), {str(staging): str(root)}
+    )
     assert sorted(got) == sorted(expected)
     for name, frame in expected.items():
         pd.testing.assert_frame_equal(
