@@ -1,8 +1,9 @@
 """End to end: the Dagster webserver and daemon find, ingest and score rounds on their own.
 
 dagster-webserver and dagster-daemon run as subprocesses on loopback with a temporary
-DAGSTER_HOME; the code location (workspace.yaml) reads rounds from a moto S3 server on
-127.0.0.1 and writes a temporary DuckDB warehouse. It runs on two instances:
+DAGSTER_HOME, and load the code location from its own gRPC server (`dagster api grpc`, as
+deploy/ runs it); the code location reads rounds from a moto S3 server on 127.0.0.1 and writes a
+temporary DuckDB warehouse. It runs on two instances:
 
 - `local`: the project's dagster.yaml (SQLite storage), asset values on local disk;
 - `production`: deploy/dagster.yaml on a private PostgreSQL cluster (tests/pgcluster.py), step
@@ -16,7 +17,7 @@ The test only uploads files and watches through the webserver's GraphQL API:
 3. runs of the two rounds overlapped in time, yet no two DuckDB writers ever did (pool of 1),
    and no run logged a lock error;
 4. on `production`, the step logs and the asset values are in their buckets;
-5. both processes stop on SIGTERM, leaving no process behind.
+5. the three processes stop on SIGTERM, leaving no process behind.
 """
 
 import json
@@ -38,7 +39,7 @@ import pandas as pd
 import pytest
 
 from tc_assets.defs.automation import REASON_INGESTED, REASON_NEW_ROUND, REASON_RESOLVED, TAG_REASON
-from tc_assets.defs.definitions import PlatformPaths, build_definitions
+from tc_assets.defs.definitions import DEFINITIONS_MODULE, PlatformPaths, build_definitions
 from tc_assets.defs.partitions import WAREHOUSE_POOL
 from tc_assets.io.synthetic import SyntheticSettings, generate_source
 from tc_assets.io.warehouse import Warehouse
@@ -80,6 +81,12 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
+def _accepts(port: int) -> bool:
+    """Whether something listens on the loopback port."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def alive(pid: int) -> bool:
     try:
         state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -111,21 +118,37 @@ class Dagster:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self) -> None:
-        workspace = str(REPO / "workspace.yaml")
-        commands = {
-            "webserver": [BIN / "dagster-webserver", "-w", workspace, "-h", "127.0.0.1"]
-            + ["-p", str(self.port)],
-            "daemon": [BIN / "dagster-daemon", "run", "-w", workspace],
-        }
-        for name, cmd in commands.items():
-            self.procs[name] = subprocess.Popen(
-                [str(c) for c in cmd],
-                cwd=REPO,
-                env=self.env,
-                stdout=(self.logs / f"{name}.log").open("wb"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own group: nothing of it outlives the test
-            )
+        """The code server (`dagster api grpc`, as deploy/ runs it), then the webserver and the
+        daemon, which load the code location from it (a `grpc_server` workspace): neither
+        imports the code, and the daemon's periodic workspace refresh reconnects to it rather
+        than starting a code server of its own again."""
+        grpc_port = free_port()
+        workspace = self.home / "workspace.yaml"
+        workspace.write_text(
+            "load_from:\n  - grpc_server:\n      host: 127.0.0.1\n"
+            f"      port: {grpc_port}\n      location_name: {LOCATION}\n"
+        )
+        self._spawn(
+            "code",
+            [BIN / "dagster", "api", "grpc", "-m", DEFINITIONS_MODULE, "-a", "defs"]
+            + ["-h", "127.0.0.1", "-p", str(grpc_port)],
+        )
+        self.wait("the code server", lambda: _accepts(grpc_port), 300)
+        self._spawn(
+            "webserver",
+            [BIN / "dagster-webserver", "-w", workspace, "-h", "127.0.0.1", "-p", str(self.port)],
+        )
+        self._spawn("daemon", [BIN / "dagster-daemon", "run", "-w", workspace])
+
+    def _spawn(self, name: str, command: list[Any]) -> None:
+        self.procs[name] = subprocess.Popen(
+            [str(c) for c in command],
+            cwd=REPO,
+            env=self.env,
+            stdout=(self.logs / f"{name}.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group: nothing of it outlives the test
+        )
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(
