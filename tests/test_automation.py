@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from tc_assets.defs import automation as a
 from tc_assets.defs.definitions import PlatformPaths, build_definitions
-from tc_assets.defs.partitions import ROUNDS_PARTITIONS_NAME
+from tc_assets.defs.partitions import ROUNDS_PARTITIONS_NAME, window_first, window_label
 from tc_assets.defs.resources import RoundSourceResource
 from tc_assets.io.synthetic import SyntheticSettings, generate_source
 from tc_assets.io.warehouse import Warehouse
@@ -436,6 +436,14 @@ def test_stale_rounds_count_only_parents_inside_the_window_and_newer_than_the_re
     # round 3: round 1 re-scored after it; round 4: round 1 is outside its window 2-4 and
     # round 4's own parents precede it; round 5: nothing newer inside 4-5; round 6 is later.
     assert stale == {"3": 60}
+
+
+def test_a_window_not_full_counts_every_earlier_round():
+    # Window of 4 rounds ending at 6: full, rounds before 3 can no longer join it.
+    assert window_first(window_label([3, 4, 5, 6], 4)) == 3
+    # Only rounds 2 and 6 had data: round 1, resolved later, would join the window.
+    assert window_label([2, 6], 4) == "up to 6" and window_first("up to 6") is None
+    assert window_label([], 4) == "" and window_first("") is None and window_first(None) is None
 
 
 def test_results_wait_while_a_run_of_their_round_or_an_earlier_one_is_in_flight():

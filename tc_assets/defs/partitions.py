@@ -56,13 +56,20 @@ WINDOW_TAGS = {WINDOW_TAG_KEY: "earlier-rounds"}
 WINDOW_METADATA_KEY = "window"
 
 
-def window_label(rounds: Sequence[int]) -> str:
-    """The window's metadata value: "first-last", empty when no round is in it."""
-    return f"{min(rounds)}-{max(rounds)}" if len(rounds) else ""
+def window_label(rounds: Sequence[int], size: int) -> str:
+    """The window's metadata value: "first-last" when it holds its full `size` rounds (the last
+    `size` rounds with data up to its end); "up to last" when it holds fewer, as an earlier
+    round that gains data later joins it; empty when no round is in it."""
+    if not len(rounds):
+        return ""
+    if len(rounds) < size:
+        return f"up to {max(rounds)}"
+    return f"{min(rounds)}-{max(rounds)}"
 
 
 def window_first(label: str | None) -> int | None:
-    """The first round of a window_label, None when unknown or empty."""
+    """The first round of a full window's label; None (every earlier round may belong to it)
+    for a window not full, an empty one, or none recorded."""
     first, sep, _ = (label or "").partition("-")
     return int(first) if sep and first.isdigit() else None
 

@@ -326,7 +326,7 @@ def sharpe_contribution_asset(
             "round": r,
             **warehouse_table("sharpe_contribution", counts["sharpe_contribution"]),
             "window_rounds": len(rounds),
-            WINDOW_METADATA_KEY: window_label(rounds),
+            WINDOW_METADATA_KEY: window_label(rounds, config.window_rounds),
             "meta_sharpe": plain(out["meta_sharpe"].iloc[0]) if len(out) else None,
             "ranking": metadata_table(out, max_rows=20),
         },

@@ -193,7 +193,7 @@ def _fit_metadata(r: int, result: ProxyResult) -> dict:
     imp = result.importance
     return {
         "window_end": r,
-        WINDOW_METADATA_KEY: window_label(result.rounds),
+        WINDOW_METADATA_KEY: window_label(result.rounds, result.settings.window_rounds),
         "rounds": len(result.rounds),
         "held_out": f"{result.held_out_rounds[0]}-{result.held_out_rounds[-1]}",
         **_fit_quality(result),

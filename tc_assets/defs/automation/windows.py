@@ -7,7 +7,8 @@ When a round K of that window is scored again (its inputs or its resolution chan
 still holds K's old rows. Dagster's event log numbers every materialization in order (storage
 ids), so for each windowed asset the sensor compares the id of its latest materialization of R
 with those of its parents (the assets whose tables its window reads) in the rounds of R's window
-(every round up to R when the window is not recorded). A round waits while a run of it or of an
+(every round up to R when the window is not full or not recorded: an earlier round that gains
+data later joins it). A round waits while a run of it or of an
 earlier round is queued or in progress: that run may change its window again, and one refresh
 after it covers both. For each stale round it requests one run
 of the stale windowed assets and of everything downstream of them in the round (the marts that
