@@ -2,14 +2,15 @@
 
 The webserver and the daemon (tests/test_e2e_daemon.py's harness, local instance) watch a local
 round source. Beside them, from the start, `tc-platform run` scores the same rounds, every file
-present, one after the other into a clean warehouse: the reference. All ten rounds are published at once, four of them without resolved.parquet.
-While the daemon ingests and scores them, the test kills run processes with SIGKILL (by the pid
-their `tc/process` tag names, at a random moment of the run, never a retry) and uploads the late
-resolutions one by one at random times. It ends when nothing is left to run, and then requires:
+present, one after the other into a clean warehouse: the reference. All ten rounds are published
+at once, four of them without resolved.parquet. While the daemon ingests and scores them, the
+test kills run processes with SIGKILL (by the pid their `tc/process` tag names, at a random
+moment of the run, never a retry) and uploads the late resolutions one by one at random times.
+It ends when nothing is left to run, and then requires:
 
 - no run left queued or in progress, and every killed run marked failed and run again;
 - every round scored on its resolution;
-- the warehouse equal to a clean serial run of the same rounds (`run_rounds`), every table,
+- the warehouse equal to the reference, every table,
   the dbt marts included, except the ingestion time stamp.
 """
 
