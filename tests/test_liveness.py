@@ -239,11 +239,18 @@ def test_a_signal_cancels_the_run_and_starts_no_further_round(tmp_path, home, si
         home,
     )
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        wait_for(
-            lambda: any(r.status == dg.DagsterRunStatus.STARTED for r in runs(instance)),
-            300,
-            "round 1's run to start",
-        )
+
+        def reading_inputs() -> bool:
+            started = (r for r in runs(instance) if r.status == dg.DagsterRunStatus.STARTED)
+            return any(
+                e.step_key == "round_inputs"
+                for r in started
+                for e in instance.all_logs(r.run_id, of_type=dg.DagsterEventType.STEP_START)
+            )
+
+        # Signalled in the step that reads the source, which Dagster would retry, not cancel,
+        # if it carried a retry policy.
+        wait_for(reading_inputs, 300, "round 1's run to read its inputs")
         os.kill(proc.pid, signum)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 130, out

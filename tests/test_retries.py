@@ -2,11 +2,14 @@
 
 import re
 import time
+from types import SimpleNamespace
 
 import boto3
 import dagster as dg
 import pytest
+from dagster._core.errors import DagsterExecutionInterruptedError
 
+from tc_assets.defs import ingest
 from tc_assets.defs.definitions import PlatformPaths
 from tc_assets.io.contract import RoundInputError
 from tc_assets.io.ingest import ingest_round
@@ -35,6 +38,47 @@ def test_a_warehouse_path_that_is_not_duckdb_fails_at_once_with_its_message(
     events = instance.all_logs(outcome.run_id)
     assert not [e for e in events if e.dagster_event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
     assert seconds < 120  # no retry delays (30 s and more each)
+
+
+def test_only_a_transient_fault_requests_a_retry():
+    """A source or lock fault asks Dagster for a retry; any other error is a Failure without
+    one; an interrupt passes through. No retry policy sits on the steps: Dagster would turn an
+    interrupt of such a step into a retry, and a canceled run would go on."""
+    context = SimpleNamespace(retry_number=0)  # the one field read of a step's context
+    for fault in (SourceUnavailable("503 from S3"), ingest.WarehouseLocked("locked")):
+        with pytest.raises(dg.RetryRequested) as retry, ingest.only_transient_retried(context, 1):
+            raise fault
+        assert retry.value.max_retries == ingest.SOURCE_RETRY.max_retries
+        assert 0 <= retry.value.seconds_to_wait <= 2 * ingest.SOURCE_RETRY.delay
+        assert retry.value.__cause__ is fault
+    failure = pytest.raises(dg.Failure, match="round 1: ValueError: bad")
+    with failure, ingest.only_transient_retried(context, 1):
+        raise ValueError("bad")
+    with pytest.raises(DagsterExecutionInterruptedError), ingest.only_transient_retried(context, 1):
+        raise DagsterExecutionInterruptedError()
+    for asset in (ingest.round_inputs, ingest.resolved):
+        assert asset.op.retry_policy is None
+
+
+def test_a_transient_fault_is_retried_and_the_round_scores(
+    small_source, tmp_path, instance, monkeypatch
+):
+    monkeypatch.setattr(ingest, "SOURCE_RETRY", dg.RetryPolicy(max_retries=3))  # no delay
+    calls: list[int] = []
+
+    def flaky_ingest(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise SourceUnavailable("S3 answered 503 for rounds/1/live.parquet")
+        return ingest_round(*args, **kwargs)
+
+    monkeypatch.setattr(ingest, "ingest_round", flaky_ingest)
+    paths = PlatformPaths.create(str(small_source), str(tmp_path / "wh.duckdb"))
+    (outcome,) = run_rounds(paths, [1], instance=instance, echo=lambda _: None)
+    assert outcome.success, outcome.failures
+    retried = instance.all_logs(outcome.run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY)
+    assert [e.step_key for e in retried] == ["round_inputs"]
+    assert "503" in str(retried[0].dagster_event.event_specific_data.error)
 
 
 def test_s3_settings_errors_are_clear_and_not_retried(monkeypatch):

@@ -10,7 +10,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tc_assets.defs import ingest
 from tc_assets.defs.resources import RoundSourceResource, S3ClientResource
 from tc_assets.io.ingest import ingest_round
 from tc_assets.io.s3_source import S3RoundSource
@@ -164,7 +163,7 @@ def test_an_unreachable_submission_fails_the_round_instead_of_rejecting_it(
     endpoint, local_source, monkeypatch
 ):
     """S3 keeps answering 503 for the prediction files: ingestion raises SourceUnavailable
-    (the step is retried by its retry policy) instead of rejecting models as unreadable."""
+    (the step asks Dagster for a retry) instead of rejecting models as unreadable."""
     with FaultyProxy(endpoint) as proxy:
         for key, value in s3_env(proxy.endpoint).items():
             monkeypatch.setenv(key, value)
@@ -176,8 +175,6 @@ def test_an_unreachable_submission_fails_the_round_instead_of_rejecting_it(
             ingest_round(source, 1, workers=2)
         proxy.unavailable("")
         assert len(ingest_round(source, 1, workers=2).predictions.columns) > 0
-    for asset in (ingest.round_inputs, ingest.resolved):
-        assert asset.op.retry_policy is not None and asset.op.retry_policy.max_retries >= 1
 
 
 def test_client_retry_settings_come_from_the_s3_resource(s3_environment):

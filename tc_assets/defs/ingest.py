@@ -43,9 +43,13 @@ GROUP = "ingestion"
 KINDS = {"pandas", "duckdb"}
 # A round source that cannot be reached (SourceUnavailable: S3 throttling or a server error past
 # the client's own retries, a broken connection) or a warehouse still locked after its wait
-# (WarehouseLocked) fails the step, which Dagster runs again after 30 s, 60 s and 120 s.
+# (WarehouseLocked) fails the step, which Dagster runs again after 30 s, 90 s and 210 s on
+# average (each delay jittered by up to its own length).
 # Anything else (a bad input, a source or warehouse setting, a bug) is a dagster.Failure
 # without retries, with its own message: retrying cannot help (`only_transient_retried`).
+# The policy is applied by raising RetryRequested, not attached to the assets: Dagster turns
+# an interrupt (Ctrl-C, SIGTERM, a cancel) of a step with a retry policy into a retry, and a
+# canceled run would then go on.
 SOURCE_RETRY = dg.RetryPolicy(
     max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
 )
@@ -53,12 +57,20 @@ TRANSIENT = (SourceUnavailable, WarehouseLocked)
 
 
 @contextmanager
-def only_transient_retried(r: int, **metadata: object) -> Iterator[None]:
-    """Let a transient fault through for the step's retry policy; turn any other error into a
-    Failure that is not retried and whose description is the error's own message."""
+def only_transient_retried(
+    context: dg.AssetExecutionContext, r: int, **metadata: object
+) -> Iterator[None]:
+    """Retry the step on a transient fault, as SOURCE_RETRY says; turn any other error into a
+    Failure that is not retried and whose description is the error's own message. An
+    interrupt passes through untouched."""
     try:
         yield
-    except (*TRANSIENT, dg.Failure):
+    except TRANSIENT as exc:
+        raise dg.RetryRequested(
+            max_retries=SOURCE_RETRY.max_retries,
+            seconds_to_wait=SOURCE_RETRY.calculate_delay(context.retry_number + 1),
+        ) from exc
+    except dg.Failure:
         raise
     except Exception as exc:
         known = isinstance(exc, RoundInputError | SourceError | WarehouseError)
@@ -89,7 +101,6 @@ OUTPUTS = {
     partitions_def=rounds_partitions,
     pool=WAREHOUSE_POOL,
     can_subset=False,
-    retry_policy=SOURCE_RETRY,
 )
 def round_inputs(
     context: dg.AssetExecutionContext,
@@ -104,7 +115,7 @@ def round_inputs(
         if total >= PROGRESS_MIN_FILES:  # a small round reads in a blink: one line at the end
             context.log.info(f"round {r}: read {done}/{total} {kind} files")
 
-    with only_transient_retried(r, source=round_source.uri):
+    with only_transient_retried(context, r, source=round_source.uri):
         source = round_source.open()
         with timer() as t_read:
             inputs = ingest_round(
@@ -203,7 +214,7 @@ def _submissions_metadata(
     }
 
 
-@round_asset(group=GROUP, kinds=KINDS, output_required=False, retry_policy=SOURCE_RETRY)
+@round_asset(group=GROUP, kinds=KINDS, output_required=False)
 def resolved(
     context: dg.AssetExecutionContext,
     universe: pd.DataFrame,
@@ -217,7 +228,7 @@ def resolved(
     the resolution sensor materializes them when the file appears.
     """
     r = round_of(context)
-    with only_transient_retried(r, source=round_source.uri):
+    with only_transient_retried(context, r, source=round_source.uri):
         source = round_source.open()
         frame = load_resolved(source, r, universe.index)
     if frame is None:
@@ -226,7 +237,7 @@ def resolved(
             return
         metadata = {"source_file": "missing", "kept_rows": len(frame)}
     else:
-        with timer() as t, only_transient_retried(r):
+        with timer() as t, only_transient_retried(context, r):
             counts = warehouse.get().write_round(r, {"resolved": resolved_table(frame)})
         metadata = {
             **warehouse_table("resolved", counts["resolved"]),
@@ -250,7 +261,7 @@ def _stored(
     the round was scored. Then the round goes on from the targets stored then, and says so:
     every result downstream is computed again from the same targets, so none is left beside a
     value (a meta-model weight, a payout) that the file's absence would have dropped."""
-    with only_transient_retried(r):
+    with only_transient_retried(context, r):
         rows = warehouse.get().read_round("resolved", r)
     if not len(rows):
         context.log.info(
