@@ -43,8 +43,8 @@ GROUP = "ingestion"
 KINDS = {"pandas", "duckdb"}
 # A round source that cannot be reached (SourceUnavailable: S3 throttling or a server error past
 # the client's own retries, a broken connection) or a warehouse still locked after its wait
-# (WarehouseLocked) fails the step, which Dagster runs again after 30 s, 90 s and 210 s on
-# average (each delay jittered by up to its own length).
+# (WarehouseLocked) fails the step, which Dagster runs again after 30 s, 90 s and 210 s, each
+# give or take up to 30 s (jitter).
 # Anything else (a bad input, a source or warehouse setting, a bug) is a dagster.Failure
 # without retries, with its own message: retrying cannot help (`only_transient_retried`).
 # The policy is applied by raising RetryRequested, not attached to the assets: Dagster turns
