@@ -143,9 +143,15 @@ def test_resources(defs):
     assert sorted(defs.resources) == ["dbt", "io_manager", "optimizer", "round_source", "warehouse"]
 
 
+# Loaded only by the steps that use them: every process that loads the definitions (each run,
+# the code server, `tc-platform run`) would otherwise pay about 7 s of imports.
+HEAVY_MODULES = ("torch", "cvxpy", "matplotlib", "interpret", "sklearn", "dagster_aws", "boto3")
+
+
 def test_import_needs_no_dbt_manifest_and_loading_parses_it(tmp_path):
     """Importing the definitions module builds nothing; loading the Definitions where the dbt
-    project was never parsed parses it into the user's cache (not into the package)."""
+    project was never parsed parses it into the user's cache (not into the package), and
+    imports none of the heavy libraries only some steps use."""
     package = Path(tc_assets.__file__).parent
     shutil.copytree(
         package, tmp_path / "tc_assets", ignore=shutil.ignore_patterns("__pycache__", "target")
@@ -156,6 +162,8 @@ def test_import_needs_no_dbt_manifest_and_loading_parses_it(tmp_path):
         "defs = d.build_definitions(d.PlatformPaths.create('s', 'w.duckdb'))\n"
         "print(len(defs.resolve_job_def('score_round').asset_layer.selected_asset_keys))\n"
         "print(r.dbt_project.manifest_path)\n"
+        "import sys\n"
+        f"print(','.join(m for m in {HEAVY_MODULES!r} if m in sys.modules) or '-')\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -166,8 +174,9 @@ def test_import_needs_no_dbt_manifest_and_loading_parses_it(tmp_path):
         timeout=600,
     )
     assert out.returncode == 0, out.stderr
-    count, manifest = out.stdout.split()
+    count, manifest, heavy = out.stdout.split()
     assert int(count) > 20
+    assert heavy == "-", f"loading the definitions imported {heavy}"
     assert Path(manifest).is_relative_to(tmp_path / "home" / ".cache" / "tc-platform")
     assert not (tmp_path / "tc_assets" / "dbt_metrics" / "target").exists()
 

@@ -2,23 +2,26 @@
 reaches the user: saved as a small PNG (72 dpi) beside the warehouse and attached to the
 materialization as a markdown image (a data URI, which the Dagster UI's markdown renderer
 allows), with its path and a one-line numeric summary that is always visible.
+
+matplotlib is imported by the functions that draw, so that loading the definitions does not.
 """
+
+from __future__ import annotations
 
 import base64
 import io
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import numpy as np
 import pandas as pd
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
-from matplotlib.figure import Figure
 
 from tc_assets.scoring.proxy_model import INTERACTION_TERM, ProxyResult
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PNG_DPI = 72
 
@@ -80,6 +83,8 @@ def shapes_summary(result: ProxyResult, terms: list[str]) -> str:
 def capacity_figure(curves: pd.DataFrame, table: pd.DataFrame, fund_lmv: float, r: int) -> Figure:
     """Dollar return against long market value, one line per portfolio, peaks and break-evens
     marked; the y range is set by the peaks so that the fall past them stays readable."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(9, 5.5), dpi=100)
     ax = fig.add_subplot()
     caps = table.set_index("model_id")
@@ -118,6 +123,8 @@ def capacity_figure(curves: pd.DataFrame, table: pd.DataFrame, fund_lmv: float, 
 def attribution_figure(parts: pd.DataFrame) -> Figure:
     """Each model's raw signal split into what reaches the portfolio, what the exposure limits
     and budget rows remove, and what sits on positions at a bound; its TC marked."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(8, 0.3 * len(parts) + 1.5), dpi=80)
     ax = fig.add_subplot()
     y = np.arange(len(parts))
@@ -156,6 +163,12 @@ def _label(term: str, result: ProxyResult) -> str:
 
 def importance_figure(result: ProxyResult) -> Figure:
     """Horizontal bars of term importance, coloured by monotonicity (blue +1, red -1)."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
     imp = result.importance.iloc[::-1]
     fig = Figure(figsize=(8.5, 0.45 * len(imp) + 2.0), dpi=100)
     FigureCanvasAgg(fig)
@@ -189,6 +202,9 @@ def importance_figure(result: ProxyResult) -> Figure:
 def shapes_figure(result: ProxyResult, terms: list[str]) -> Figure:
     """One panel per term: its contribution to predicted TC against its input (steps over the
     EBM's bins), with the distribution of the fitted rows underneath."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     cols = min(2, len(terms))
     nrows = math.ceil(len(terms) / cols)
     fig = Figure(figsize=(5.2 * cols, 3.6 * nrows + 0.6), dpi=100)

@@ -3,13 +3,11 @@ configured once per deployment."""
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster_aws.s3.io_manager import PickledObjectS3IOManager
 from pydantic import Field
 from upath import UPath
 
@@ -128,7 +126,7 @@ class RoundSourceResource(dg.ConfigurableResource):
         return LocalRoundSource(self.uri)
 
 
-def _never_produced(context: dg.InputContext) -> dg.Failure:
+def never_produced(context: dg.InputContext) -> dg.Failure:
     """The failure for loading a value that was never stored: which asset, which round, why."""
     key = context.asset_key.to_user_string() if context.has_asset_key else "?"
     part = context.asset_partition_key if context.has_asset_partitions else None
@@ -165,32 +163,7 @@ class _RoundValues(dg.UPathIOManager):
         try:
             return super().load_input(context)
         except FileNotFoundError:
-            raise _never_produced(context) from None
-
-
-class _S3RoundValues(PickledObjectS3IOManager):
-    """dagster-aws's per-asset-partition storage on S3, in the format of `io/values.py` (a
-    float64 matrix as raw columns viewed in the downloaded bytes, anything else pickled); a
-    missing value is a clear error."""
-
-    def dump_to_path(self, context: dg.OutputContext, obj: Any, path: UPath) -> None:
-        buffer = io.BytesIO()
-        values.write_value(obj, buffer)
-        buffer.seek(0)
-        self.s3.upload_fileobj(buffer, self.bucket, path.as_posix())
-
-    def load_from_path(self, context: dg.InputContext, path: UPath) -> Any:
-        try:
-            body = self.s3.get_object(Bucket=self.bucket, Key=path.as_posix())["Body"].read()
-        except self.s3.exceptions.NoSuchKey:
-            raise FileNotFoundError(f"{self._uri_for_path(path)} not found") from None
-        return values.read_value(body)
-
-    def load_input(self, context: dg.InputContext) -> object:
-        try:
-            return super().load_input(context)
-        except FileNotFoundError:
-            raise _never_produced(context) from None
+            raise never_produced(context) from None
 
 
 class RoundStorage(dg.FilesystemIOManager):
@@ -212,8 +185,10 @@ class S3RoundStorage(dg.ConfigurableIOManagerFactory):
     s3_prefix: str = Field(default="", description="Key prefix inside the bucket.")
     s3: S3ClientResource = Field(description="S3 client settings; see s3_from_env.")
 
-    def create_io_manager(self, context: dg.InitResourceContext) -> PickledObjectS3IOManager:
-        return _S3RoundValues(
+    def create_io_manager(self, context: dg.InitResourceContext) -> dg.UPathIOManager:
+        from tc_assets.defs.s3_values import S3RoundValues  # dagster-aws: only where S3 is used
+
+        return S3RoundValues(
             s3_bucket=self.s3_bucket, s3_session=self.s3.get_client(), s3_prefix=self.s3_prefix
         )
 

@@ -67,14 +67,16 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tc_assets.scoring._tc_dual import DualBatch, DualNewtonSolver, resolve_device, torch_threads
-from tc_assets.scoring.optimizer import PortfolioSolution, PortfolioSpec
+if TYPE_CHECKING:  # torch and the solver load with the first TC, not with the definitions
+    import torch
+
+    from tc_assets.scoring._tc_dual import DualBatch, DualNewtonSolver
+    from tc_assets.scoring.optimizer import PortfolioSolution, PortfolioSpec
 
 __all__ = [
     "ENGINES",
@@ -325,6 +327,8 @@ def dropout_masks(
     Drawn on the CPU from torch.Generator(seed), so every engine and device gets the same bags.
     antithetic (dropout 0.5 only): bags 2i and 2i + 1 are a mask and its complement.
     """
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     pairs = antithetic and dropout == 0.5
     draws = (bags + 1) // 2 if pairs else bags
@@ -401,6 +405,8 @@ def _validate(
 
 
 def _solve_full(rnd: _Round, settings: TCSettings) -> _Full:
+    from tc_assets.scoring._tc_dual import DualNewtonSolver, resolve_device
+
     start = time.perf_counter()
     device = resolve_device(settings.device) if settings.engine == "fast" else "cpu"
     solver = DualNewtonSolver(
@@ -425,6 +431,8 @@ def _gradients(
     weight: torch.Tensor,
 ) -> BagGradients:
     """G = weight * (P' v - x . v) for every row of a solved batch, v = (dw*/dx)' t."""
+    import torch
+
     v = solver.vjp(batch, t)
     raw = weight[:, None] * (v @ p - (batch.x * v).sum(dim=1, keepdim=True))
     st = batch.state
@@ -446,6 +454,8 @@ def _fast_bags(
 ) -> tuple[BagGradients, BagGradients]:
     """The bags (rows of masks) and the unbagged gradient by the dual Newton solver: the bags'
     meta models are one (bags x models) @ (models x stocks) product, their solves one batch."""
+    import torch
+
     solver = full.solver
     dd = {"dtype": torch.float64, "device": solver.device}
     p = torch.as_tensor(rnd.p, **dd)
@@ -563,6 +573,8 @@ def _leave_one_out(rnd: _Round, settings: TCSettings) -> TCResult:
     The only staked model of a round leaves no meta model behind: R without it is 0.
     A failed re-optimization raises naming "bag" = the dropped model's column.
     """
+    import torch
+
     staked = np.flatnonzero(rnd.stakes > 0)
     if staked.size > settings.loo_max_models:
         raise ValueError(
@@ -740,6 +752,8 @@ def true_contribution(
         ValueError: bad inputs, a leave-one-out round above its size guard, too many
             untradable bags, or a round where TC is undefined (no target passes the optimizer).
     """
+    from tc_assets.scoring._tc_dual import torch_threads
+
     settings = settings or TCSettings()
     rnd = _validate(p, stakes, target, spec, label)
     with torch_threads(settings.cpu_threads):

@@ -33,10 +33,13 @@ fast exact dual Newton solver in `_tc_dual.py`, used by `solve_portfolio` and th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import cvxpy as cp
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:  # cvxpy loads with the first cvxpy problem, not with the definitions
+    import cvxpy as cp
 
 __all__ = [
     "ConstraintViolation",
@@ -178,6 +181,8 @@ def build_cvxpy_problem(spec: PortfolioSpec) -> CvxpyPortfolio:
     The quadratic is written as a sum of squares so that cvxpylayers' default conic path
     (diffcp) can canonicalize and differentiate it.
     """
+    import cvxpy as cp
+
     n = spec.n_stocks
     x = cp.Parameter(n, name="signal")
     long = cp.Variable(n, name="long", nonneg=True)

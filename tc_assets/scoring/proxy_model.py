@@ -40,14 +40,16 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from interpret.glassbox import ExplainableBoostingRegressor
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from scipy.stats import spearmanr
 
 from tc_assets.scoring.metrics import MODEL_METRICS
+
+if TYPE_CHECKING:  # interpret (and scikit-learn) load with the first fit, not the definitions
+    from interpret.glassbox import ExplainableBoostingRegressor
 
 __all__ = [
     "INPUT_COLUMNS",
@@ -164,6 +166,8 @@ class ProxySettings(BaseModel):
 
     def regressor(self) -> ExplainableBoostingRegressor:
         """An unfitted EBM with these parameters."""
+        from interpret.glassbox import ExplainableBoostingRegressor
+
         return ExplainableBoostingRegressor(
             interactions=self.interactions,
             outer_bags=self.outer_bags,
@@ -339,6 +343,8 @@ def _monotonicity(x: np.ndarray, contribution: np.ndarray) -> float:
     """Spearman of a term's contribution against its input over the rows (NaN if constant)."""
     if np.ptp(contribution) == 0 or np.ptp(x) == 0:
         return float("nan")
+    from scipy.stats import spearmanr
+
     return float(spearmanr(x, contribution).statistic)
 
 
