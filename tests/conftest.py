@@ -1,6 +1,9 @@
 """Shared fixtures: generated round sources (the project's generator) and Dagster instances."""
 
+import os
 import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +17,8 @@ from tc_assets.defs.partitions import ROUNDS_PARTITIONS_NAME
 from tc_assets.io.synthetic import SyntheticSettings, generate_source
 from tests.pgcluster import PostgresCluster, postgres_bindir, postgres_cluster, postgres_dir
 from tests.s3server import client, moto_s3, s3_env
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Small enough for seconds per round, large enough for every planted kind and rule.
 SMALL = SyntheticSettings(stocks=600, features=16, models=40, seed=7, with_bad_inputs=True)
@@ -94,6 +99,28 @@ def platform(
     `storage` (default: beside the warehouse)."""
     paths = PlatformPaths.create(str(source), str(tmp_path / "wh" / "warehouse.duckdb"), storage)
     return build_definitions(paths), paths
+
+
+def background_run(source: Path, tmp: Path, *args: str) -> subprocess.Popen:
+    """`tc-platform run --source source *args` into tmp/warehouse.duckdb, started in its own
+    process (its own TC_HOME and Dagster instance under `tmp`, no TC_* or DAGSTER_* variable of
+    this process) so that it scores beside the test; its output goes to tmp/output.txt."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TC_", "DAGSTER_"))}
+    env |= {
+        "TC_HOME": str(tmp / "home"),
+        "DAGSTER_HOME": str(tmp / "dagster_home"),
+        "PYTHONPATH": str(REPO),
+    }
+    command = [sys.executable, "-m", "tc_assets.cli", "run", "--source", str(source)]
+    with (tmp / "output.txt").open("w") as out:
+        return subprocess.Popen(
+            [*command, "--warehouse", str(tmp / "warehouse.duckdb"), *args],
+            env=env,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def run_job(

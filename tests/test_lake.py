@@ -30,7 +30,7 @@ from tc_assets.io import lake
 from tc_assets.io.synthetic import SyntheticSettings
 from tc_assets.io.tables import TABLES
 from tc_assets.io.warehouse import Warehouse, WarehouseError
-from tests.conftest import make_source, run_job
+from tests.conftest import background_run, make_source, run_job
 from tests.s3server import client, s3_env
 
 pytestmark = pytest.mark.slow
@@ -332,22 +332,8 @@ def file_run(source, tmp_path_factory) -> Iterator[tuple[subprocess.Popen, Path]
     `tc-platform run` in its own process, started as the module starts so that it runs on the
     second core beside the lake's tests; yields the process and the warehouse file."""
     tmp = tmp_path_factory.mktemp("file_reference")
-    env = {k: v for k, v in os.environ.items() if k not in {"TC_WAREHOUSE", lake.DATA_PATH_ENV}}
-    env |= {
-        "TC_HOME": str(tmp / "home"),
-        "DAGSTER_HOME": str(tmp / "dagster_home"),
-        "PYTHONPATH": str(ROOT),
-    }
+    proc = background_run(source, tmp, "--rounds", "1-2")
     path = tmp / "warehouse.duckdb"
-    command = [sys.executable, "-m", "tc_assets.cli", "run", "--source", str(source)]
-    with (tmp / "output.txt").open("w") as out:
-        proc = subprocess.Popen(
-            [*command, "--warehouse", str(path), "--rounds", "1-2"],
-            env=env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
     yield proc, path
     if proc.poll() is None:
         proc.kill()
